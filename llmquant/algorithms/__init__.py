@@ -1,0 +1,40 @@
+"""How weights are chosen for a format. Each algorithm is registered under the name a recipe uses.
+
+An algorithm gets one layer's float weight ``[out, in]`` (and, when it is
+calibrated, statistics of that layer's inputs) and returns codes and scales in
+the layer's bitsandbytes format (:mod:`llmquant.quantized`). It never builds
+modules: :mod:`llmquant.backends.bnb` does that, for every algorithm alike.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..quantized import QuantizedWeight
+
+ALGORITHMS: dict[str, "Algorithm"] = {}
+
+
+class Algorithm:
+    name: str = ""
+    # Whether it needs calibration activations (statistics of each layer's inputs).
+    calibrated: bool = False
+
+    def quantize(self, weight: torch.Tensor, scheme, dtype: torch.dtype, stats=None) -> QuantizedWeight:
+        raise NotImplementedError
+
+
+def register(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
+    def deco(cls: type[Algorithm]) -> type[Algorithm]:
+        if name in ALGORITHMS:
+            raise ValueError(f"algorithm {name!r} is registered twice")
+        cls.name = name
+        ALGORITHMS[name] = cls()
+        return cls
+
+    return deco
+
+
+from . import rtn  # noqa: E402,F401  (registers)

@@ -1,0 +1,1 @@
+"""Turning chosen weights into a quantization library's layers and checkpoint tensors."""

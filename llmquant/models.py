@@ -1,0 +1,141 @@
+"""Loading models and tokenizers: a Hub id, a local folder, a GGUF file, or ``asset:NAME``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import assets
+from .errors import UserError
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "hub" | "folder" | "gguf"
+    location: str  # Hub id or local folder
+    gguf_file: str | None = None
+    revision: str | None = None
+
+    def describe(self) -> str:
+        where = self.location if self.gguf_file is None else f"{self.location}/{self.gguf_file}"
+        return f"{where}@{self.revision}" if self.revision else where
+
+    def from_pretrained_kwargs(self) -> dict:
+        kw: dict = {}
+        if self.gguf_file:
+            kw["gguf_file"] = self.gguf_file
+        if self.revision:
+            kw["revision"] = self.revision
+        return kw
+
+
+def resolve_source(source: str, gguf_file: str | None = None, revision: str | None = None) -> ModelSource:
+    """Decide what kind of location ``source`` is, without loading anything."""
+    source = assets.resolve(source)
+    p = Path(source).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise UserError(f"model {source!r} is a file but not a .gguf file; give a folder, a Hub id or a .gguf file")
+        if gguf_file:
+            raise UserError("model.gguf_file names a file inside model.source, which is already a .gguf file")
+        return ModelSource("gguf", str(p.parent), p.name, None)
+    if p.is_dir():
+        if gguf_file and not (p / gguf_file).is_file():
+            raise UserError(f"model.gguf_file {gguf_file!r} not found in folder {source!r}")
+        if not gguf_file and not (p / "config.json").is_file():
+            raise UserError(f"model folder {source!r} has no config.json (is it a transformers checkpoint?)")
+        return ModelSource("gguf" if gguf_file else "folder", str(p), gguf_file, None)
+    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".gguf")
+    if looks_like_path or not HUB_ID_RE.match(source):
+        raise UserError(f"model {source!r} does not exist as a file or folder and is not a Hub id (org/name)")
+    return ModelSource("hub", source, gguf_file, revision)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but no CUDA GPU is visible; use device: cpu or auto")
+    return d
+
+
+def resolve_dtype(name: str, src: ModelSource, config) -> torch.dtype:
+    if name != "auto":
+        return TORCH_DTYPES[name]
+    if src.kind == "gguf":
+        return torch.float32  # transformers dequantizes GGUF tensors to float32
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = TORCH_DTYPES.get(d)
+    return d if d in TORCH_DTYPES.values() else torch.float32
+
+
+def load_config(src: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src.location, trust_remote_code=trust_remote_code, **src.from_pretrained_kwargs())
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the config of {src.describe()}: {_first_line(e)}") from None
+
+
+def load_model(src: ModelSource, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+    """Load a float causal LM and its tokenizer, ready for quantization (eval mode, no grad).
+
+    Returns ``(model, tokenizer)``. A GGUF file is dequantized to float by transformers;
+    the GGUF quantization marker is removed so the model is an ordinary float model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(src, trust_remote_code)
+    torch_dtype = resolve_dtype(dtype, src, config)
+    dev = pick_device(device)
+    kw = src.from_pretrained_kwargs()
+    if dev.type == "cuda":
+        kw["device_map"] = "auto" if device == "auto" and torch.cuda.device_count() > 1 else {"": str(dev)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kw
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load model {src.describe()}: {_first_line(e)}") from None
+    if dev.type != "cuda" and dev.type != "cpu":
+        model.to(dev)
+    if src.kind == "gguf":
+        _forget_gguf(model)
+    if getattr(model, "hf_quantizer", None) is not None:
+        method = model.hf_quantizer.quantization_config.quant_method
+        raise UserError(f"model {src.describe()} is already quantized ({method}); give a float checkpoint")
+    model.eval().requires_grad_(False)
+    return model, load_tokenizer(src, trust_remote_code)
+
+
+def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src.location, trust_remote_code=trust_remote_code, **src.from_pretrained_kwargs())
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"could not load the tokenizer of {src.describe()}: {_first_line(e)}") from None
+
+
+def _forget_gguf(model) -> None:
+    """A GGUF file loads as a float model still marked as GGUF-quantized; drop the marker."""
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

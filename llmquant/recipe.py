@@ -1,0 +1,290 @@
+"""The YAML recipe: a strict schema, loading with one-line errors, and dumping.
+
+A recipe round-trips: ``Recipe.from_yaml(r.to_yaml()) == r``. Every key is a field
+name below; an unknown key, a bad value or a duplicate key is a :class:`UserError`
+naming the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+from .schemes import FORMAT_NAMES, FourBit, Int8, Keep, Scheme, StrictModel, parse_scheme
+
+RECIPE_VERSION = 1
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|xpu|xpu:\d+|mps)$")
+MODEL_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def parse_size(value: str | int) -> int:
+    """``"5GB"`` / ``"500MB"`` / ``1000`` -> bytes (decimal units, as the Hub uses)."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB)?\s*", str(value), re.I)
+    if not m:
+        raise ValueError(f"{value!r} is not a size; write e.g. 5GB, 500MB or a number of bytes")
+    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    return int(float(m.group(1)) * units[(m.group(2) or "B").lower()])
+
+
+class ModelSpec(StrictModel):
+    # A Hub id ("org/name"), a local folder, a .gguf file, or "asset:NAME" (a model
+    # llmquant fetches and caches itself, see `llmquant assets`).
+    source: str
+    # A GGUF file inside `source` (a Hub repo or folder) to load instead of safetensors.
+    gguf_file: str | None = None
+    # Hub branch, tag or commit.
+    revision: str | None = None
+    # Floating type the model is loaded and computed in; "auto" takes the checkpoint's own.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # Run Python code shipped with the checkpoint. Off unless you trust its author.
+    trust_remote_code: bool = False
+
+    @field_validator("source")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a Hub id, a local folder, a .gguf file or asset:NAME")
+        return v
+
+
+class Rule(StrictModel):
+    """One `quantization.rules` entry: module-name patterns and the format they get."""
+
+    # Module-name patterns: shell-style globs on the full name ("*.mlp.*"), or "re:REGEX"
+    # (matched against the whole name). A string or a list of strings.
+    match: list[str]
+    # How weights are chosen for these modules; defaults to `quantization.method`.
+    method: str | None = None
+    scheme: Scheme
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError("a rule is a mapping with 'match' and 'format' keys")
+        if "scheme" in data:  # already in internal form (model_validate of a dumped rule)
+            return data
+        data = dict(data)
+        if "match" not in data:
+            raise ValueError("missing key 'match' (the module-name patterns this rule applies to)")
+        if "format" not in data:
+            raise ValueError(f"missing key 'format'; allowed formats: {', '.join(FORMAT_NAMES)}")
+        match = data.pop("match")
+        out: dict[str, Any] = {"match": [match] if isinstance(match, str) else match}
+        if "method" in data:
+            out["method"] = data.pop("method")
+        fmt = data.get("format")
+        scheme_cls = {"int8": Int8, "nf4": FourBit, "fp4": FourBit}.get(fmt, Keep)
+        unknown = [k for k in data if k not in scheme_cls.model_fields]
+        if unknown and fmt in FORMAT_NAMES:
+            allowed = ", ".join(["match", "method", *scheme_cls.model_fields])
+            raise ValueError(f"unknown key {unknown[0]!r} for format {fmt}; allowed keys: {allowed}")
+        out["scheme"] = data
+        return out
+
+    @field_validator("match")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one pattern")
+        for p in v:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise ValueError(f"bad regular expression {p!r}: {e}") from None
+        return v
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"match": self.match[0] if len(self.match) == 1 else list(self.match)}
+        if self.method is not None:
+            d["method"] = self.method
+        d.update(self.scheme.model_dump())
+        return d
+
+
+class Quantization(StrictModel):
+    # Format of every Linear layer no rule matches.
+    default: Scheme = Field(default_factory=lambda: FourBit(format="nf4"))
+    # Ordered (first match wins): module-name patterns -> format.
+    rules: list[Rule] = Field(default_factory=list)
+    # Patterns of layers left exactly as they are (in the model's dtype). Empty list:
+    # ignore nothing. Not given: the output head (lm_head), which is the usual choice.
+    ignore: list[str] | None = None
+    # How weights are chosen: "rtn" (round to nearest, what bitsandbytes itself does).
+    method: str = "rtn"
+
+    @field_validator("default", mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        return parse_scheme(v)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        return check_method(v)
+
+    @model_validator(mode="after")
+    def _rule_methods(self) -> "Quantization":
+        for r in self.rules:
+            if r.method is not None:
+                check_method(r.method)
+        return self
+
+
+def check_method(name: str) -> str:
+    from .algorithms import ALGORITHMS
+
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(ALGORITHMS)}")
+    return name
+
+
+class Output(StrictModel):
+    # Folder the quantized checkpoint is written to (relative to the current directory).
+    dir: str
+    # Replace a non-empty `dir`. Without it, llmquant refuses and touches nothing.
+    overwrite: bool = False
+    # Largest safetensors shard; bigger checkpoints are split with an index file.
+    max_shard_size: str = "5GB"
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        if parse_size(v) <= 0:
+            raise ValueError("must be positive")
+        return str(v)
+
+
+class Recipe(StrictModel):
+    version: Literal[1] = RECIPE_VERSION
+    model: ModelSpec
+    # Where quantization and evaluation run: auto (a GPU when there is one), cpu, cuda, cuda:N.
+    device: str = "auto"
+    quantization: Quantization = Field(default_factory=Quantization)
+    output: Output
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_RE.match(v):
+            raise ValueError(f"{v!r} is not a device; allowed: auto, cpu, cuda, cuda:N")
+        return v
+
+    # ---- YAML ---------------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "recipe") -> "Recipe":
+        data = load_yaml(text, source)
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: a recipe is a YAML mapping with keys model, quantization, output")
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> "Recipe":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise UserError(f"{source}: {describe_validation_error(e)}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"recipe {str(path)!r} not found (expected a YAML file)")
+        return cls.from_yaml(p.read_text(encoding="utf-8"), source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json", exclude_none=False)
+        q = d["quantization"]
+        q["rules"] = [r.to_yaml_dict() for r in self.quantization.rules]
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def with_overrides(self, changes: dict[str, Any]) -> "Recipe":
+        """Apply command-line overrides (dotted keys: ``{"output.dir": "x"}``) and revalidate."""
+        d = self.to_dict()
+        for dotted, value in changes.items():
+            node = d
+            *parents, leaf = dotted.split(".")
+            for k in parents:
+                node = node.setdefault(k, {})
+            node[leaf] = value
+        return Recipe.from_dict(d, "command line")
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML loading that refuses a key given twice in one mapping."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{source}:{where}: invalid YAML: {problem}") from None
+
+
+def _loc_to_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if part in ("scheme",) or (isinstance(part, str) and part in FORMAT_NAMES):
+            continue  # internal nesting of a rule, and the discriminated-union tag
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.startswith("function-"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """The first problem of a pydantic error as one readable line."""
+    e = err.errors(include_url=False)[0]
+    path = _loc_to_path(tuple(e["loc"]))
+    kind, msg = e["type"], e["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if kind == "missing":
+        msg = "missing required key"
+    elif kind == "union_tag_not_found":
+        msg = f"missing key 'format'; allowed formats: {', '.join(FORMAT_NAMES)}"
+    elif kind == "union_tag_invalid":
+        msg = f"unknown format {e['ctx']['tag']!r}; allowed: {', '.join(FORMAT_NAMES)}"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        msg = f"expected a mapping, got {type(e.get('input')).__name__}"
+    if "input" in e and kind not in ("missing", "union_tag_not_found", "model_type", "dict_type") and "got" not in msg:
+        given = e["input"]
+        if not isinstance(given, (dict, list)) and repr(given) not in msg:
+            msg = f"{msg} (got {given!r})"
+    return f"{path}: {msg}" if path else msg

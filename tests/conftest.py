@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny random models of several families, and the real SmolLM2 (offline asset)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never reach the Hub; models come from configs or from llmquant's own assets.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import llmquant  # noqa: E402,F401  (registers the llmquant checkpoint format)
+import logging  # noqa: E402
+
+from llmquant import assets  # noqa: E402
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # per-call notes of LLM.int8 (fp16 cast)
+
+VOCAB = 512
+TEXT = (
+    "A quantized model stores each weight in fewer bits. The scale of each block is chosen so that the "
+    "rounded weights stay close to the original ones, and the model's outputs change as little as possible. "
+    "Evaluation compares the quantized model with the original on text it has not seen. "
+) * 4
+
+
+def tiny_tokenizer():
+    """A 512-token byte-level BPE tokenizer trained on a few sentences (fast, offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([TEXT], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def tiny_config(arch: str):
+    """Small configs whose widths fit every bitsandbytes block size up to 128."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, tie_word_embeddings=False, **common)
+    if arch == "qwen2":  # q/k/v projections have biases
+        return tf.Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if arch == "mistral":
+        return tf.MistralConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=1, tie_word_embeddings=False, **common)
+    if arch == "gpt2":  # Conv1D layers, tied head
+        return tf.GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=256, **common)
+    if arch == "opt":  # biases everywhere, tied head
+        return tf.OPTConfig(hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+                            word_embed_proj_dim=128, max_position_embeddings=256, **common)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "qwen2", "mistral", "gpt2", "opt"]
+
+
+def build_tiny(arch: str, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype).eval()
+    # Random init has tiny weights; widen them so quantization error is visible in the logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """arch -> folder holding a saved tiny model with a tokenizer (made on first use)."""
+    root = tmp_path_factory.mktemp("tiny")
+    made: dict[str, Path] = {}
+    tok = tiny_tokenizer()
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            d = root / arch
+            build_tiny(arch).save_pretrained(d)
+            tok.save_pretrained(d)
+            made[arch] = d
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as a float32 transformers folder (converted once from the GGUF asset)."""
+    from llmquant.models import load_model, resolve_source
+
+    gguf = assets.fetch("smollm2-135m-instruct", quiet=True)
+    dest = assets.cache_dir() / "converted" / "smollm2-135m-instruct-float32"
+    if not (dest / "model.safetensors").is_file():
+        model, tok = load_model(resolve_source(str(gguf)), "float32", "cpu")
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def botchan_text() -> str:
+    return assets.fetch("botchan", quiet=True).read_text(encoding="utf-8")

@@ -1,0 +1,202 @@
+"""Export -> reload -> same model, on tiny random models of several families."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors import safe_open
+
+import bitsandbytes as bnb
+from conftest import ARCHS
+from llmquant import export as export_mod
+from llmquant.errors import ExportCheckError, UserError
+from llmquant.export import load_export, logits_on, probe_ids, safetensors_bytes
+from llmquant.pipeline import run
+from llmquant.recipe import Recipe
+
+RECIPES = {
+    "int8": {"default": {"format": "int8", "threshold": 6.0}},
+    "nf4": {"default": {"format": "nf4", "double_quant": True}},
+    "mixed": {
+        "default": {"format": "nf4", "group_size": 32},
+        "rules": [
+            {"match": ["*.q_proj", "*.c_attn", "*.fc1"], "format": "int8", "threshold": 0.0},
+            {"match": ["*.v_proj", "*.mlp.c_proj", "*.fc2"], "format": "fp4", "group_size": 128, "double_quant": True},
+            {"match": ["*.up_proj", "*.c_fc", "*.out_proj"], "format": "fp16"},
+        ],
+    },
+}
+
+
+def recipe(model_dir, out, quant, **output) -> Recipe:
+    return Recipe.from_dict({"model": {"source": str(model_dir)}, "device": "cpu", "quantization": quant,
+                             "output": {"dir": str(out), **output}})
+
+
+def quiet_run(r: Recipe, **kw):
+    return run(r, console=Console(file=io.StringIO()), progress=False, **kw)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_export_reloads_to_the_same_model(tiny_dirs, tmp_path, arch, name):
+    out = tmp_path / "out"
+    res = quiet_run(recipe(tiny_dirs(arch), out, RECIPES[name]))
+    assert res.check.max_abs_logit_diff <= res.check.tolerance
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "recipe.yaml", "llmquant.json", "tokenizer.json"} <= files
+    assert not list(tmp_path.glob(".out*")), "temporary folders left behind"
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == ("llmquant" if name == "mixed" else "bitsandbytes")
+
+    # an independent reload (not the pipeline's own check): layer types and logits
+    fresh = load_export(out, "cpu")
+    expected_types = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit, "fp4": bnb.nn.Linear4bit}
+    for layer in json.loads((out / "llmquant.json").read_text())["layers"]:
+        m = fresh.get_submodule(layer["name"])
+        fmt = layer["format"].split("/")[0].split("(")[0]
+        if fmt in expected_types:
+            assert isinstance(m, expected_types[fmt]), (layer, type(m))
+        else:
+            assert not isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)), layer
+    ids = probe_ids(None, 512)
+    base = load_export(tiny_dirs(arch), "cpu")
+    q1, q2, ref = logits_on(fresh, ids), logits_on(load_export(out, "cpu"), ids), logits_on(base, ids)
+    assert torch.equal(q1, q2)
+    rel = (q1 - ref).norm() / ref.norm()
+    assert 0 < rel < 0.5, rel  # quantized: different from, but close to, the float model
+    # the plan's size estimate is what was written (headers included)
+    est, got = res.plan.file_bytes_estimate(), safetensors_bytes(out)
+    assert abs(est - got) / got < 0.02, (est, got)
+
+
+def test_uniform_export_loads_without_llmquant(tiny_dirs, tmp_path):
+    """Stock transformers + bitsandbytes, in a process where llmquant cannot be imported at all."""
+    out = tmp_path / "out"
+    quiet_run(recipe(tiny_dirs("llama"), out, RECIPES["nf4"]))
+    expected = logits_on(load_export(out, "cpu"), probe_ids(None, 512))
+    torch.save(expected, tmp_path / "expected.pt")
+    code = f"""
+import sys, importlib.abc
+class NoLlmquant(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] == 'llmquant': raise ImportError('llmquant is not installed')
+sys.meta_path.insert(0, NoLlmquant())
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
+ids = ((torch.arange(48) * 7919 + 11) % 512).unsqueeze(0)
+with torch.no_grad(): got = m(ids).logits.float()
+assert torch.equal(got, torch.load({str(tmp_path / 'expected.pt')!r})), (got - torch.load({str(tmp_path / 'expected.pt')!r})).abs().max()
+assert 'llmquant' not in sys.modules
+print('OK', type(m.model.layers[0].mlp.up_proj).__name__)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "OK Linear4bit" in proc.stdout
+
+
+def test_failed_check_leaves_nothing_and_keeps_previous_export(tiny_dirs, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    quiet_run(recipe(tiny_dirs("llama"), out, RECIPES["int8"]))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    def broken(*a, **k):
+        raise ExportCheckError("simulated mismatch")
+
+    monkeypatch.setattr("llmquant.pipeline.verify_export", broken)
+    with pytest.raises(ExportCheckError):
+        quiet_run(recipe(tiny_dirs("llama"), out, RECIPES["nf4"], overwrite=True))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["load_in_8bit"]
+    with pytest.raises(ExportCheckError):
+        quiet_run(recipe(tiny_dirs("llama"), tmp_path / "fresh", RECIPES["nf4"]))
+    assert not (tmp_path / "fresh").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_interrupt_while_writing_leaves_nothing(tiny_dirs, tmp_path, monkeypatch):
+    real = export_mod.save_safetensors
+
+    def interrupted(sd, folder, max_shard_size):
+        real(sd, folder, max_shard_size)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("llmquant.export.save_safetensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quiet_run(recipe(tiny_dirs("llama"), tmp_path / "out", RECIPES["nf4"]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_folder_rules(tiny_dirs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not empty; pass --overwrite"):
+        quiet_run(recipe(tiny_dirs("llama"), out, RECIPES["nf4"]))
+    with pytest.raises(UserError, match="was not written by llmquant"):
+        quiet_run(recipe(tiny_dirs("llama"), out, RECIPES["nf4"], overwrite=True))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        quiet_run(recipe(tiny_dirs("llama"), tmp_path / "file", RECIPES["nf4"]))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    quiet_run(recipe(tiny_dirs("llama"), empty, RECIPES["nf4"]))  # an empty folder is fine
+    quiet_run(recipe(tiny_dirs("llama"), empty, RECIPES["int8"], overwrite=True))  # our own export is replaced
+    assert json.loads((empty / "config.json").read_text())["quantization_config"]["load_in_8bit"]
+
+
+def test_stale_temporary_of_a_killed_run_is_cleaned(tiny_dirs, tmp_path):
+    stale = tmp_path / ".out.llmquant-tmp-999999999-deadbeef"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    quiet_run(recipe(tiny_dirs("llama"), tmp_path / "out", RECIPES["int8"]))
+    assert not stale.exists()
+
+
+def test_sharded_export(tiny_dirs, tmp_path):
+    out = tmp_path / "out"
+    res = quiet_run(recipe(tiny_dirs("mistral"), out, RECIPES["mixed"], max_shard_size="200KB"))
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert res.check.max_abs_logit_diff == 0
+
+
+def test_exported_4bit_scales_are_exact_after_cpu_forward(tiny_dirs, tmp_path):
+    """bitsandbytes' CPU kernel repacks 4-bit layers on the first forward; the export must not notice."""
+    out = tmp_path / "out"
+    res = quiet_run(recipe(tiny_dirs("llama"), out, RECIPES["nf4"]))  # the check ran a forward before we look
+    name = "model.layers.0.mlp.up_proj.weight"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        absmax = f.get_tensor(name + ".absmax")
+    n_blocks = 256 * 128 // 64
+    assert absmax.shape == (n_blocks,) and absmax.dtype == torch.uint8  # double quant: 8-bit codes, 1-D
+    assert res.check.max_abs_logit_diff == 0
+
+
+def test_llmquant_loaded_model_saves_exactly_after_cpu_use(tiny_dirs, tmp_path):
+    """save_pretrained of a model loaded through llmquant is exact even after bitsandbytes repacked it."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    out = tmp_path / "out"
+    quiet_run(recipe(tiny_dirs("qwen2"), out, RECIPES["mixed"]))
+    m = load_export(out, "cpu")
+    ids = probe_ids(None, 512)
+    before = logits_on(m, ids)
+    packed = [n for n, mod in m.named_modules() if isinstance(mod, bnb.nn.Linear4bit) and mod.weight.quant_state.packing_format_for_cpu]
+    assert bool(packed) == bool(has_avx512bf16())
+    m.save_pretrained(tmp_path / "resaved")
+    assert torch.equal(logits_on(m, ids), before)  # the in-memory model still computes the same
+    assert torch.equal(logits_on(load_export(tmp_path / "resaved", "cpu"), ids), before)
+    with safe_open(str(tmp_path / "resaved" / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
+        for k in b.keys():
+            if k.endswith("absmax") or k.endswith(".weight"):
+                assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k

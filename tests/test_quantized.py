@@ -1,0 +1,90 @@
+"""Codes and scales in bitsandbytes' terms: our representation is exactly what bitsandbytes stores and computes."""
+
+import pytest
+import torch
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as F
+from llmquant.algorithms.rtn import rtn_4bit, rtn_int8
+from llmquant.backends.bnb import build_module, checkpoint_tensors, quant_state, read_weight
+from llmquant.quantized import INT8_INV_127, double_quantize, pack_4bit, unpack_4bit
+from llmquant.schemes import FourBit, Int8
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (3, 5), (1, 1), (64, 96)])
+def test_pack_unpack_round_trip(shape):
+    codes = torch.randint(0, 16, shape, dtype=torch.uint8)
+    packed = pack_4bit(codes)
+    assert packed.shape == ((codes.numel() + 1) // 2, 1) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_4bit(packed, shape), codes)
+
+
+def _weight(out=128, inp=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.05
+    w[3, 17] = 0.9  # an outlier, as real layers have
+    return w
+
+
+FOURBIT = [FourBit(format=f, group_size=g, double_quant=dq) for f in ("nf4", "fp4") for g in (32, 64, 256) for dq in (False, True)]
+
+
+@pytest.mark.parametrize("scheme", FOURBIT, ids=lambda s: s.label())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rtn_4bit_is_bitsandbytes_quantize_4bit(scheme, dtype):
+    w = _weight().to(dtype)
+    qw = rtn_4bit(w, scheme, dtype)
+    packed, qs = F.quantize_4bit(w, blocksize=scheme.group_size, compress_statistics=scheme.double_quant, quant_type=scheme.format)
+    assert torch.equal(pack_4bit(qw.codes), packed)
+    # our exact dequantization == bitsandbytes' dequantize_4bit, to the bit
+    ours = qw.dequantize().to(dtype)
+    theirs = F.dequantize_4bit(packed, qs)
+    assert torch.equal(ours, theirs)
+    # and the QuantState we build from our codes/scales dequantizes identically too
+    assert torch.equal(F.dequantize_4bit(pack_4bit(qw.codes), quant_state(qw)), theirs)
+
+
+def test_double_quantize_matches_bitsandbytes_nested_state():
+    w = _weight()
+    _, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    _, plain = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    nested = double_quantize(plain.absmax)
+    assert torch.equal(nested.codes, qs.absmax) and torch.equal(nested.absmax, qs.state2.absmax)
+    assert torch.allclose(nested.dequantize(), plain.absmax, rtol=0.02)
+
+
+def test_rtn_int8_is_bitsandbytes_int8params():
+    w = _weight()
+    qw = rtn_int8(w, Int8(threshold=6.0))
+    p = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+    assert torch.equal(qw.codes, p.CB) and torch.equal(qw.scb, p.SCB)
+    assert torch.equal(qw.dequantize(), F.int8_vectorwise_dequant(p.CB, p.SCB))
+    assert torch.allclose(qw.dequantize(), w, atol=w.abs().max().item() / 127)
+    assert INT8_INV_127 == pytest.approx(1 / 127)
+
+
+@pytest.mark.parametrize("scheme", [FourBit(format="nf4", group_size=64, double_quant=True), FourBit(format="fp4", group_size=32), Int8(threshold=0.0)], ids=lambda s: s.label())
+def test_checkpoint_tensors_read_back_exactly(scheme):
+    w = _weight()
+    qw = rtn_4bit(w, scheme, torch.float32) if isinstance(scheme, FourBit) else rtn_int8(w, scheme)
+    tensors = checkpoint_tensors(qw, "layer.")
+    back = read_weight({k.removeprefix("layer."): v for k, v in tensors.items()}, torch.float32)
+    assert torch.equal(back.codes, qw.codes)
+    assert torch.equal(back.dequantize(), qw.dequantize())
+
+
+@pytest.mark.parametrize("scheme", [FourBit(format="nf4"), FourBit(format="fp4", double_quant=True), Int8(threshold=0.0)], ids=lambda s: s.label())
+def test_built_module_computes_with_the_chosen_weights(scheme):
+    torch.manual_seed(0)
+    w, bias, x = _weight(), torch.randn(128) * 0.1, torch.randn(5, 256)
+    qw = rtn_4bit(w, scheme, torch.float32) if isinstance(scheme, FourBit) else rtn_int8(w, scheme)
+    m = build_module(qw, bias, torch.float32, "cpu")
+    with torch.no_grad():
+        y = m(x)
+    ref = x @ qw.dequantize().t() + bias
+    # bitsandbytes' CPU kernels compute in bf16 (4-bit) or quantize activations to int8 (LLM.int8):
+    # close to the chosen weights' exact product, far closer than to a different weight.
+    err = (y - ref).norm() / ref.norm()
+    assert err < 0.02, err
+    other = x @ (w + torch.randn_like(w) * 0.01).t() + bias
+    assert (y - other).norm() / other.norm() > err
