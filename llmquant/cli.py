@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .errors import ExportCheckError, UserError
 
@@ -13,6 +14,9 @@ examples:
   llmquant run configs/demo.yaml                       quantize, evaluate and export the demo model
   llmquant run --dry-run configs/demo.yaml             print the per-layer plan, change nothing
   llmquant run configs/mixed.yaml --model org/name --output out/x --overwrite
+  llmquant eval out/demo --baseline asset:smollm2-135m-instruct --text asset:botchan --range 0.6 1.0 \\
+      --seqlen 512 --tasks botchan_cloze --output eval/demo
+  llmquant compare out/a out/b --output cmp            one table and plot from several results
   llmquant assets fetch                                download and cache the offline demo assets
 """
 
@@ -51,6 +55,43 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", metavar="ID_OR_PATH", help="run the recipe on another model: Hub id, folder, .gguf file or asset:NAME")
     r.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides device)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser(
+        "eval", help="evaluate a model (any checkpoint) and optionally its divergence from a baseline",
+        description="Evaluate a model folder, .gguf file or Hub id (llmquant exports, stock bitsandbytes checkpoints, "
+        "float models, or a float model quantized while loading with --load-in) under a recorded protocol: perplexity, "
+        "KL divergence and top-1 agreement against --baseline, and lm-eval tasks. Settings come from --config (an "
+        "eval: section, or a recipe holding one), then these flags. Writes results.json, results.md and results.png.",
+    )
+    e.add_argument("model", help="Hub id, folder, .gguf file or asset:NAME")
+    e.add_argument("--config", metavar="FILE", help="YAML with the evaluation settings (an eval: mapping, or a recipe)")
+    src = e.add_mutually_exclusive_group()
+    src.add_argument("--text", metavar="FILE", help="a local .txt or .jsonl file (or asset:NAME), evaluated whole unless --range")
+    src.add_argument("--dataset", choices=["wikitext2", "c4", "ptb"], help="a standard dataset (through the datasets library)")
+    e.add_argument("--range", nargs=2, type=float, metavar=("START", "END"), help="fraction of a local text's characters, e.g. 0.6 1.0")
+    e.add_argument("--seqlen", type=int, metavar="N", help="tokens per window (default 2048)")
+    e.add_argument("--protocol", choices=["windows", "sliding"], help="non-overlapping windows (default) or sliding windows")
+    e.add_argument("--stride", type=int, metavar="N", help="sliding protocol: tokens between window starts")
+    e.add_argument("--max-tokens", type=int, metavar="N", help="evaluate only the first N tokens of the text")
+    e.add_argument("--batch-size", type=int, metavar="N", help="windows per forward pass (default: 1 on CPU, 8 on GPU)")
+    e.add_argument("--tasks", metavar="A,B", help="comma-separated lm-eval tasks (e.g. botchan_cloze,botchan_continuation,hellaswag)")
+    e.add_argument("--task-limit", type=int, metavar="N", help="examples per task")
+    e.add_argument("--baseline", metavar="MODEL", help="reference model for KL divergence and top-1 agreement (evaluated first)")
+    e.add_argument("--load-in", choices=["4bit-nf4", "4bit-fp4", "8bit"], help="quantize MODEL while loading with stock bitsandbytes")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint")
+    e.add_argument("--output", metavar="DIR", required=True, help="folder for results.json, results.md, results.png")
+    e.add_argument("--overwrite", action="store_true", help="replace results already in DIR")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    c = sub.add_parser(
+        "compare", help="one table and plot from several results (same protocol only)",
+        description="Merge results.json files (or folders holding them) measured under the same protocol into one "
+        "table and one plot of perplexity against size. Results measured differently are refused.",
+    )
+    c.add_argument("results", nargs="+", metavar="RESULTS", help="results.json files or folders holding one")
+    c.add_argument("--output", metavar="DIR", required=True, help="folder for the merged results.json, results.md, results.png")
 
     a = sub.add_parser(
         "assets", help="list, fetch or locate the offline assets (demo model and text)",
@@ -117,7 +158,55 @@ def cmd_assets(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "assets": cmd_assets}
+def cmd_eval(args) -> int:
+    from .pipeline import evaluate_only
+    from .recipe import EvalSpec, describe_validation_error, load_yaml
+    from pydantic import ValidationError
+
+    settings: dict = {}
+    if args.config:
+        p = Path(args.config)
+        if not p.is_file():
+            raise UserError(f"config {args.config!r} not found (expected a YAML file)")
+        data = load_yaml(p.read_text(encoding="utf-8"), args.config) or {}
+        if not isinstance(data, dict):
+            raise UserError(f"{args.config}: expected a mapping of evaluation settings")
+        settings = dict(data.get("eval") or {}) if "eval" in data or "model" in data else dict(data)
+    text = dict(settings.get("text") or {})
+    if args.text or args.dataset:
+        text = {"source": args.text or args.dataset}
+    if args.range:
+        text["range"] = args.range
+    if text:
+        settings["text"] = text
+    flags = {"seqlen": args.seqlen, "protocol": args.protocol, "stride": args.stride, "max_tokens": args.max_tokens,
+             "batch_size": args.batch_size, "task_limit": args.task_limit}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if args.tasks:
+        settings["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        spec = EvalSpec.model_validate(settings)
+    except ValidationError as e:
+        raise UserError(f"evaluation settings: {describe_validation_error(e)}") from None
+    evaluate_only(args.model, spec, Path(args.output), args.overwrite, args.baseline, args.dtype, args.device,
+                  args.load_in, args.trust_remote_code, progress=not args.quiet)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import results
+    from .report import make_console
+
+    merged = results.compare(args.results)
+    out = Path(args.output)
+    results.write(out, merged, "perplexity vs size")
+    console = make_console()
+    console.print(results.rich_table(merged))
+    console.print(f"results: {out}/results.json, results.md, results.png")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "compare": cmd_compare, "assets": cmd_assets}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _quiet_libraries(args.verbose)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except UserError as e:

@@ -26,6 +26,11 @@ class ModelSource:
         where = self.location if self.gguf_file is None else f"{self.location}/{self.gguf_file}"
         return f"{where}@{self.revision}" if self.revision else where
 
+    def short_name(self) -> str:
+        if self.kind == "hub":
+            return self.location
+        return Path(self.gguf_file).stem if self.gguf_file else Path(self.location).name
+
     def from_pretrained_kwargs(self) -> dict:
         kw: dict = {}
         if self.gguf_file:
@@ -86,18 +91,27 @@ def load_config(src: ModelSource, trust_remote_code: bool = False):
         raise UserError(f"could not load the config of {src.describe()}: {_first_line(e)}") from None
 
 
-def load_model(src: ModelSource, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
-    """Load a float causal LM and its tokenizer, ready for quantization (eval mode, no grad).
+def load_model(src: ModelSource, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+               quantization_config=None, allow_quantized: bool = False):
+    """Load a causal LM and its tokenizer (eval mode, no grad).
 
     Returns ``(model, tokenizer)``. A GGUF file is dequantized to float by transformers;
     the GGUF quantization marker is removed so the model is an ordinary float model.
+    A checkpoint that is already quantized is refused unless ``allow_quantized``
+    (evaluation loads llmquant and stock bitsandbytes checkpoints alike);
+    ``quantization_config`` quantizes while loading (stock ``load_in_4bit``).
     """
     from transformers import AutoModelForCausalLM
+
+    from . import hf_integration  # noqa: F401  (llmquant checkpoints load too)
 
     config = load_config(src, trust_remote_code)
     torch_dtype = resolve_dtype(dtype, src, config)
     dev = pick_device(device)
     kw = src.from_pretrained_kwargs()
+    if quantization_config is not None:
+        kw["quantization_config"] = quantization_config
+        kw.setdefault("device_map", {"": str(dev)})
     if dev.type == "cuda":
         kw["device_map"] = "auto" if device == "auto" and torch.cuda.device_count() > 1 else {"": str(dev)}
     try:
@@ -110,7 +124,7 @@ def load_model(src: ModelSource, dtype: str = "auto", device: str = "auto", trus
         model.to(dev)
     if src.kind == "gguf":
         _forget_gguf(model)
-    if getattr(model, "hf_quantizer", None) is not None:
+    if getattr(model, "hf_quantizer", None) is not None and not allow_quantized and quantization_config is None:
         method = model.hf_quantizer.quantization_config.quant_method
         raise UserError(f"model {src.describe()} is already quantized ({method}); give a float checkpoint")
     model.eval().requires_grad_(False)
@@ -139,3 +153,33 @@ def _forget_gguf(model) -> None:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def fingerprint(src: ModelSource, config=None) -> str | None:
+    """A short hash identifying a checkpoint's weights (None when it cannot be told, e.g. a Hub
+    model without a known commit). Local files are sampled (size, first and last MiB), not read whole."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if src.kind == "hub":
+        commit = getattr(config, "_commit_hash", None) if config is not None else None
+        if not commit:
+            return None
+        h.update(f"hub:{src.location}:{commit}:{src.gguf_file}".encode())
+        return h.hexdigest()[:16]
+    folder = Path(src.location)
+    if src.gguf_file:
+        files = [folder / src.gguf_file]
+    else:
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + [folder / "config.json"]
+    for f in files:
+        if not f.is_file():
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]

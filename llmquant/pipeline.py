@@ -11,11 +11,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from . import __version__
-from .export import ExportCheck, atomic_output, check_output_dir, probe_ids, safetensors_bytes, verify_export, write_checkpoint, MARKER_FILE
-from .models import load_model, resolve_source
+from . import results as results_mod
+from .data import load_text
+from .evaluate import Evaluation, ModelResult, check_tasks, linear_size
+from .errors import UserError
+from .export import MARKER_FILE, ExportCheck, atomic_output, check_output_dir, model_device, probe_ids, safetensors_bytes, verify_export, write_checkpoint
+from .models import fingerprint, load_model, resolve_source
 from .plan import Plan, build_plan
 from .quantize import quantize_model
 from .recipe import Recipe, parse_size
@@ -30,6 +35,7 @@ class RunResult:
     check: ExportCheck | None = None
     file_bytes: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    results: dict | None = None  # results.json, when the recipe evaluates
 
 
 def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, progress: bool = True) -> RunResult:
@@ -41,9 +47,13 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, p
     if not dry_run:
         check_output_dir(out, recipe.output.overwrite)  # before any heavy work
 
-    t = time.perf_counter()
+    t_start = t = time.perf_counter()
     m = recipe.model
     src = resolve_source(m.source, m.gguf_file, m.revision)
+    eval_text = None
+    if recipe.eval and not dry_run:  # bad evaluation settings fail before the model loads
+        eval_text = load_text(recipe.eval.text, "eval")
+        check_tasks(recipe.eval.tasks)
     log.print(f"loading {src.describe()} ...")
     model, tokenizer = load_model(src, m.dtype, recipe.device, m.trust_remote_code)
     timings["load"] = time.perf_counter() - t
@@ -54,28 +64,63 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, p
         console.print(f"estimated checkpoint size: {human_bytes(plan.file_bytes_estimate())}")
         return RunResult(recipe, plan, timings=timings)
 
-    t = time.perf_counter()
-    chosen = quantize_model(model, plan, progress=progress)
-    timings["quantize"] = time.perf_counter() - t
+    evaluation = Evaluation(recipe.eval, tokenizer, progress, log.print, eval_text) if recipe.eval else None
+    try:
+        evaluated: dict[str, ModelResult] = {}
+        if evaluation and recipe.eval.baseline:
+            t = time.perf_counter()
+            key = evaluation.cache_key(fingerprint(src, model.config), model.dtype, model_device(model))
+            size = {**linear_size(model), "bytes": plan.float_bytes, "measured_from": "tensor data"}
+            evaluated["baseline"] = evaluation.run(model, _dtype_name(model.dtype), size, reference=True, cache_key=key)
+            timings["eval_baseline"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    ids = probe_ids(tokenizer, model.config.get_text_config().vocab_size)
-    with atomic_output(out, recipe.output.overwrite) as tmp:
-        write_checkpoint(
-            tmp, model, tokenizer, plan, chosen, parse_size(recipe.output.max_shard_size),
-            extra_files={"recipe.yaml": recipe.to_yaml()},
-        )
-        timings["write"] = time.perf_counter() - t
-        log.print("reloading the export to check it ...")
-        check = verify_export(tmp, model, plan, chosen, ids)
-        timings["check"] = check.seconds
-        file_bytes = safetensors_bytes(tmp)
-        timings["total"] = sum(timings.values())
-        result = RunResult(recipe, plan, out, check, file_bytes, timings)
-        (tmp / MARKER_FILE).write_text(json.dumps(run_metadata(result, src.describe()), indent=2) + "\n")
+        t = time.perf_counter()
+        chosen = quantize_model(model, plan, progress=progress)
+        timings["quantize"] = time.perf_counter() - t
+
+        if evaluation:
+            t = time.perf_counter()
+            size = {**linear_size(model), "bytes": plan.total_bytes, "measured_from": "tensor data"}
+            evaluated["quantized"] = evaluation.run(model, describe(plan), size)
+            timings["eval_quantized"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        ids = probe_ids(tokenizer, model.config.get_text_config().vocab_size)
+        with atomic_output(out, recipe.output.overwrite) as tmp:
+            write_checkpoint(
+                tmp, model, tokenizer, plan, chosen, parse_size(recipe.output.max_shard_size),
+                extra_files={"recipe.yaml": recipe.to_yaml()},
+            )
+            timings["write"] = time.perf_counter() - t
+            log.print("reloading the export to check it ...")
+            check = verify_export(tmp, model, plan, chosen, ids)
+            timings["check"] = check.seconds
+            file_bytes = safetensors_bytes(tmp)
+            timings["total"] = time.perf_counter() - t_start
+            result = RunResult(recipe, plan, out, check, file_bytes, timings)
+            if evaluation:
+                info = {"source": src.describe(), "fingerprint": fingerprint(src, model.config),
+                        "dtype": _dtype_name(model.dtype), "device": str(model_device(model))}
+                result.results = results_mod.build(
+                    {k: v.to_dict() for k, v in evaluated.items()}, evaluation.protocol(), info, recipe.to_dict(), timings
+                )
+                results_mod.write(tmp, result.results, f"{Path(recipe.output.dir).name}: perplexity vs size")
+            (tmp / MARKER_FILE).write_text(json.dumps(run_metadata(result, src.describe()), indent=2) + "\n")
+    finally:
+        if evaluation:
+            evaluation.close()
 
     print_summary(result, console)
     return result
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def describe(plan: Plan) -> str:
+    """A short label for a quantized model: its formats and how many layers have each."""
+    return ", ".join(f"{k} ×{v}" for k, v in format_counts(plan).items() if k != "unchanged")
 
 
 def run_metadata(r: RunResult, source: str) -> dict:
@@ -120,4 +165,93 @@ def print_summary(r: RunResult, console: Console) -> None:
             f"export: {r.output}  ({human_bytes(r.file_bytes)} of safetensors; reloaded from disk, "
             f"{r.check.tensors_checked} layers identical, max |Δlogit| {r.check.max_abs_logit_diff:.2g})"
         )
+    if r.results:
+        console.print(results_mod.rich_table(r.results))
+        console.print(f"results: {r.output}/results.json, results.md, results.png")
     console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
+
+
+# ---- `llmquant eval`: any checkpoints, the same protocol -------------------------------------
+
+
+def evaluate_only(model: str, spec, output: Path, overwrite: bool = False, baseline: str | None = None,
+                  dtype: str = "auto", device: str = "auto", load_in: str | None = None,
+                  trust_remote_code: bool = False, console: Console | None = None, progress: bool = True) -> dict:
+    """Evaluate ``model`` (and ``baseline`` first, to measure divergence from it); write results to ``output``."""
+    import gc
+
+    console = console or make_console()
+    log = make_console(stderr=True)
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {str(output)!r} is a file, not a folder")
+    if (output / "results.json").exists() and not overwrite:
+        raise UserError(f"{output}/results.json exists; pass --overwrite to replace it")
+    src = resolve_source(model)
+    bsrc = resolve_source(baseline) if baseline else None
+    if bsrc is None and spec.divergence:
+        spec = spec.model_copy(update={"divergence": False})
+    text = load_text(spec.text, "eval")
+    check_tasks(spec.tasks)
+    qcfg = _load_in_config(load_in, dtype)
+
+    t0 = time.perf_counter()
+    evaluated: dict[str, ModelResult] = {}
+    evaluation = None
+    try:
+        if bsrc is not None:
+            log.print(f"loading baseline {bsrc.describe()} ...")
+            bmodel, btok = load_model(bsrc, dtype, device, trust_remote_code, allow_quantized=True)
+            evaluation = Evaluation(spec, btok, progress, log.print, text)
+            key = evaluation.cache_key(fingerprint(bsrc, bmodel.config), bmodel.dtype, model_device(bmodel))
+            evaluated["baseline"] = evaluation.run(bmodel, bsrc.short_name(), _size(bmodel, bsrc, None), reference=True, cache_key=key)
+            del bmodel
+            gc.collect()
+        log.print(f"loading {src.describe()} ...")
+        m, tok = load_model(src, dtype, device, trust_remote_code, quantization_config=qcfg, allow_quantized=True)
+        if evaluation is None:
+            evaluation = Evaluation(spec, tok, progress, log.print, text)
+        elif spec.divergence:
+            from .evaluate.perplexity import tokenize
+
+            ids, _ = tokenize(tok, text.text, len(evaluation.ids))
+            if not torch.equal(ids, evaluation.ids):
+                raise UserError(f"{src.describe()} and {bsrc.describe()} tokenize the evaluation text differently; divergence needs one tokenizer")
+        quantized = getattr(m, "hf_quantizer", None) is not None
+        label = src.short_name() + (f" ({load_in} on load)" if load_in else "")
+        evaluated["quantized" if quantized else "model"] = evaluation.run(m, label, _size(m, src, qcfg))
+        info = {"source": src.describe(), "fingerprint": fingerprint(src, m.config), "dtype": _dtype_name(m.dtype),
+                "device": str(model_device(m)), "load_in": load_in, "baseline": bsrc.describe() if bsrc else None}
+        res = results_mod.build({k: v.to_dict() for k, v in evaluated.items()}, evaluation.protocol(), info,
+                                timings={"total": time.perf_counter() - t0})
+    finally:
+        if evaluation is not None:
+            evaluation.close()
+    results_mod.write(output, res, f"{src.short_name()}: perplexity vs size")
+    console.print(results_mod.rich_table(res))
+    console.print(f"results: {output}/results.json, results.md, results.png")
+    return res
+
+
+def _load_in_config(load_in: str | None, dtype: str):
+    if load_in is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    from .models import TORCH_DTYPES
+
+    compute = TORCH_DTYPES.get(dtype, torch.float32)
+    if load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=load_in.removeprefix("4bit-"), bnb_4bit_compute_dtype=compute)
+
+
+def _size(model, src, qcfg) -> dict:
+    """Checkpoint bytes (its safetensors files when it is a local folder loaded as stored) and bits per weight."""
+    size = linear_size(model)
+    files = list(Path(src.location).glob("*.safetensors")) if src.kind == "folder" and qcfg is None else []
+    if files:
+        size.update(bytes=sum(f.stat().st_size for f in files), measured_from="safetensors files")
+    else:
+        size.update(bytes=model.get_memory_footprint(), measured_from="memory footprint")
+    return size

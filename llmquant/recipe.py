@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from .data import TextSpec
 from .errors import UserError
 from .schemes import FORMAT_NAMES, FourBit, Int8, Keep, Scheme, StrictModel, parse_scheme
 
@@ -163,12 +164,59 @@ class Output(StrictModel):
         return str(v)
 
 
+class EvalSpec(StrictModel):
+    """How models are evaluated: the same protocol for the baseline and every quantized model."""
+
+    # What perplexity and divergence are measured on (see llmquant.data).
+    text: TextSpec = Field(default_factory=lambda: TextSpec(source="wikitext2"))
+    # "windows": non-overlapping windows (the GPTQ/AWQ papers); "sliding": the transformers guide.
+    protocol: Literal["windows", "sliding"] = "windows"
+    # Tokens per window.
+    seqlen: int = Field(2048, ge=8)
+    # Sliding protocol: tokens between window starts (default seqlen / 2).
+    stride: int | None = Field(None, ge=1)
+    # Evaluate only the first max_tokens tokens of the text (all when not given).
+    max_tokens: int | None = Field(None, ge=8)
+    # Windows per forward pass; auto: 1 on a CPU (batching does not help there), 8 on a GPU.
+    batch_size: int | Literal["auto"] = "auto"
+    # KL divergence and top-1 agreement of the quantized model against the baseline.
+    divergence: bool = True
+    # Tokens the divergence is measured on (the baseline's log-probabilities are kept
+    # on disk for these: tokens x vocabulary x 2 bytes).
+    divergence_tokens: int = Field(8192, ge=1)
+    # lm-evaluation-harness tasks (any lm-eval name, or llmquant's offline botchan_* tasks).
+    tasks: list[str] = Field(default_factory=list)
+    # Examples per task (all when not given).
+    task_limit: int | None = Field(None, ge=1)
+    task_batch_size: int = Field(8, ge=1)
+    num_fewshot: int = Field(0, ge=0)
+    # Evaluate the unquantized model too (needed for deltas and divergence).
+    baseline: bool = True
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("must be a positive number of windows or auto")
+        return v
+
+    @model_validator(mode="after")
+    def _stride(self) -> "EvalSpec":
+        if self.stride is not None and self.protocol != "sliding":
+            raise ValueError("stride goes with protocol: sliding")
+        if self.stride is not None and self.stride > self.seqlen:
+            raise ValueError(f"stride {self.stride} is larger than seqlen {self.seqlen}")
+        return self
+
+
 class Recipe(StrictModel):
     version: Literal[1] = RECIPE_VERSION
     model: ModelSpec
     # Where quantization and evaluation run: auto (a GPU when there is one), cpu, cuda, cuda:N.
     device: str = "auto"
     quantization: Quantization = Field(default_factory=Quantization)
+    # Evaluate baseline and quantized model (perplexity, divergence, tasks); none when absent.
+    eval: EvalSpec | None = None
     output: Output
 
     @field_validator("device")

@@ -67,7 +67,7 @@ def size_lines(plan: Plan) -> list[str]:
     return [
         f"size before: {human_bytes(plan.float_bytes)} ({str(plan.model_dtype).removeprefix('torch.')})",
         f"size after:  {human_bytes(after)} ({after / max(plan.float_bytes, 1):.1%} of before)",
-        f"bits per weight: {plan.linear_bits_per_weight():.2f} over the formatted Linear layers, "
+        f"bits per weight: {plan.linear_bits_per_weight():.2f} over the Linear layers the recipe formats, "
         f"{plan.model_bits_per_weight():.2f} over the whole model",
     ]
 

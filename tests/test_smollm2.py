@@ -114,9 +114,18 @@ def test_demo_command(tmp_path, capsys):
     assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--output", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "model.layers.*.self_attn.q_proj" in printed and "int8" in printed and "nf4/g64" in printed
-    assert {"model.safetensors", "config.json", "recipe.yaml", "llmquant.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    for row in ("│ perplexity", "│ KL divergence, mean", "│ top-1 agreement with baseline", "│ botchan_cloze acc", "│ botchan_continuation acc"):
+        assert row in printed, row  # baseline vs quantized in one table
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "recipe.yaml", "llmquant.json", "tokenizer.json", "results.json", "results.md", "results.png"} <= files
     meta = json.loads((out / "llmquant.json").read_text())
     assert meta["checkpoint_format"] == "llmquant" and meta["export_check"]["max_abs_logit_diff"] == 0.0
+    res = json.loads((out / "results.json").read_text())
+    base, q = res["models"]["baseline"], res["models"]["quantized"]
+    assert 25 < base["perplexity"] < q["perplexity"] < 1.5 * base["perplexity"]  # SmolLM2 on held-out Botchan
+    assert 0 < q["kl_divergence"]["mean"] < 1 and 0.5 < q["top1_agreement"] < 1
+    assert set(base["tasks"]) == set(q["tasks"]) == {"botchan_cloze", "botchan_continuation"}
+    assert res["protocol"]["perplexity"]["text"]["range"] == [0.6, 1.0]
 
 
 def test_bad_recipe_on_real_model_fails_before_writing(smollm2_dir, tmp_path, capsys):

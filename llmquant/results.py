@@ -1,0 +1,298 @@
+"""results.json (schema ``llmquant.results/1``), results.md and a quality-vs-size plot.
+
+results.json::
+
+    {
+      "schema": "llmquant.results/1",
+      "created": "2026-11-22T14:00:00Z",
+      "model": {"source": ..., "fingerprint": ..., "dtype": ..., "device": ...},
+      "recipe": {...} | null,                  # the resolved recipe, for `llmquant run`
+      "protocol": {                            # how every number below was measured
+        "perplexity": {"name": "windows", "seqlen": 512, "stride": null, "windows": 32,
+                       "tokens_scored": 16352, "text": {"source": ..., "sha256": ..., ...}, ...},
+        "divergence": {"reference": "baseline", "tokens": 8192, ...},
+        "tasks": {"names": [...], "limit": 40, "num_fewshot": 0, ...}
+      },
+      "models": {
+        "baseline":  {"label", "size": {"bytes", "linear_bits_per_weight", ...}, "perplexity", "nll",
+                      "tokens", "tokens_per_second", "tasks": {task: {metric: value}}, "seconds"},
+        "quantized": {... the same ..., "kl_divergence": {"mean", "median", "p99", "max"},
+                      "top1_agreement", "divergence_tokens"}
+      },
+      "deltas": {"quantized": {"perplexity": {"abs", "rel"}, "size": {"ratio"}, "tasks": {task: {metric: abs}}}},
+      "timings_seconds": {...},
+      "versions": {"llmquant", "python", "torch", "transformers", "bitsandbytes", "lm_eval"}
+    }
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from pathlib import Path
+
+from .errors import UserError
+
+SCHEMA = "llmquant.results/1"
+TASK_METRICS = ("acc", "acc_norm", "perplexity", "exact_match", "f1")
+
+
+def versions() -> dict:
+    import bitsandbytes
+    import torch
+    import transformers
+
+    from . import __version__
+
+    try:
+        from importlib.metadata import version
+
+        lm_eval = version("lm_eval")
+    except Exception:  # not installed
+        lm_eval = None
+    return {"llmquant": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__, "lm_eval": lm_eval}
+
+
+def deltas(base: dict, other: dict) -> dict:
+    d: dict = {}
+    if base.get("perplexity") and other.get("perplexity"):
+        d["perplexity"] = {"abs": other["perplexity"] - base["perplexity"], "rel": other["perplexity"] / base["perplexity"] - 1}
+    if base["size"].get("bytes") and other["size"].get("bytes"):
+        d["size"] = {"ratio": other["size"]["bytes"] / base["size"]["bytes"]}
+    tasks = {}
+    for task, metrics in other.get("tasks", {}).items():
+        ref = base.get("tasks", {}).get(task, {})
+        tasks[task] = {m: metrics[m] - ref[m] for m in TASK_METRICS if metrics.get(m) is not None and ref.get(m) is not None}
+    if tasks:
+        d["tasks"] = tasks
+    return d
+
+
+def build(models: dict[str, dict], protocol: dict, model_info: dict, recipe: dict | None = None, timings: dict | None = None) -> dict:
+    base = models.get("baseline")
+    return {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "model": model_info,
+        "recipe": recipe,
+        "protocol": protocol,
+        "models": models,
+        "deltas": {k: deltas(base, m) for k, m in models.items() if base is not None and k != "baseline"},
+        "timings_seconds": {k: round(v, 2) for k, v in (timings or {}).items()},
+        "versions": versions(),
+    }
+
+
+def load(path: str | Path) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        raise UserError(f"no results at {str(path)!r} (a results.json file or a folder holding one)")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}: not JSON ({e.msg} at line {e.lineno})") from None
+    if data.get("schema") != SCHEMA:
+        raise UserError(f"{p}: schema {data.get('schema')!r}, expected {SCHEMA!r}")
+    return data
+
+
+# ---- tables -------------------------------------------------------------------------------
+
+
+def _fmt(v, kind: str = "") -> str:
+    if v is None:
+        return "–"
+    if kind == "bytes":
+        from .report import human_bytes
+
+        return human_bytes(v)
+    if kind == "pct":
+        return f"{v:+.2%}"
+    if kind == "share":
+        return f"{v:.2%}"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.4e}"
+    return str(v)
+
+
+def table_rows(res: dict) -> tuple[list[str], list[list[str]]]:
+    """Columns (model labels, then Δ for two models) and rows of the results table."""
+    models = res["models"]
+    labels = list(models)
+    base = models.get("baseline")
+    two = base is not None and len(labels) == 2
+    other = models[labels[1]] if two else None
+    header = ["metric"] + [f"{k} ({m['label']})" if m["label"] != k else k for k, m in models.items()] + (["Δ"] if two else [])
+    rows: list[list[str]] = []
+
+    def row(name, getter, kind="", delta=None):
+        vals = [getter(m) for m in models.values()]
+        if all(v is None for v in vals):
+            return
+        r = [name] + [_fmt(v, kind) for v in vals]
+        if two:
+            r.append(delta(base, other) if delta else "")
+        rows.append(r)
+
+    row("size", lambda m: m["size"].get("bytes"), "bytes",
+        lambda b, o: f"×{o['size']['bytes'] / b['size']['bytes']:.3f}" if b["size"].get("bytes") and o["size"].get("bytes") else "")
+    row("bits per weight (Linear but head)", lambda m: m["size"].get("linear_bits_per_weight"))
+    row("perplexity", lambda m: m.get("perplexity"), "",
+        lambda b, o: _fmt(o["perplexity"] / b["perplexity"] - 1, "pct") if b.get("perplexity") and o.get("perplexity") else "")
+    row("KL divergence, mean (nats/token)", lambda m: (m.get("kl_divergence") or {}).get("mean"))
+    row("KL divergence, median", lambda m: (m.get("kl_divergence") or {}).get("median"))
+    row("KL divergence, 99th percentile", lambda m: (m.get("kl_divergence") or {}).get("p99"))
+    row("top-1 agreement with baseline", lambda m: m.get("top1_agreement"), "share")
+    tasks = sorted({t for m in models.values() for t in m.get("tasks", {})})
+    for t in tasks:
+        for metric in TASK_METRICS:
+            def get(m, t=t, metric=metric):
+                return m.get("tasks", {}).get(t, {}).get(metric)
+
+            def stderr(m, t=t, metric=metric):
+                return m.get("tasks", {}).get(t, {}).get(f"{metric}_stderr")
+
+            if all(get(m) is None for m in models.values()):
+                continue
+            r = [f"{t} {metric}"] + [
+                "–" if get(m) is None else (f"{get(m):.4f} ± {stderr(m):.4f}" if stderr(m) is not None else f"{get(m):.4f}")
+                for m in models.values()
+            ]
+            if two:
+                r.append(f"{get(other) - get(base):+.4f}" if get(other) is not None and get(base) is not None else "")
+            rows.append(r)
+    return header, rows
+
+
+def protocol_line(res: dict) -> str:
+    p = res["protocol"]["perplexity"]
+    t = p["text"]
+    where = t.get("split") or t.get("range")
+    kind = "non-overlapping windows" if p["name"] == "windows" else f"sliding windows (stride {p['stride']})"
+    proto = f"{kind} of {p['seqlen']} tokens"
+    line = (f"perplexity: {t['source']} ({where}), {proto}; {p['tokens_scored']} tokens scored in {p['windows']} windows; "
+            f"text sha256 {t['sha256'][:16]}")
+    div = res["protocol"].get("divergence")
+    if div:
+        line += f"; divergence on the first {div['tokens']} scored tokens"
+    tk = res["protocol"].get("tasks")
+    if tk:
+        line += f"; tasks: lm-eval, {tk['num_fewshot']}-shot, limit {tk['limit'] or 'none'}"
+    return line
+
+
+def markdown(res: dict) -> str:
+    header, rows = table_rows(res)
+    lines = [f"# Evaluation of {res['model'].get('source', 'a model')}", "", protocol_line(res), ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    v = res["versions"]
+    lines += ["", "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val), ""]
+    return "\n".join(lines)
+
+
+def rich_table(res: dict):
+    from rich.table import Table
+
+    header, rows = table_rows(res)
+    t = Table(title="evaluation", title_justify="left", caption=protocol_line(res), caption_justify="left")
+    for i, h in enumerate(header):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+# ---- plot -----------------------------------------------------------------------------------
+
+
+def plot(points: list[dict], path: Path, title: str) -> None:
+    """Perplexity against size, one labelled point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [p for p in points if p.get("perplexity") and p.get("bytes")]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for p in pts:
+        ax.scatter(p["bytes"] / 1e6, p["perplexity"], s=40, zorder=3)
+        ax.annotate(p["name"], (p["bytes"] / 1e6, p["perplexity"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.margins(0.2)
+    ax.set_xlabel("checkpoint size (MB)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def points(res: dict, prefix: str = "") -> list[dict]:
+    out = []
+    for key, m in res["models"].items():
+        name = f"{prefix}{key}" if key in ("baseline", "quantized") and prefix else (m["label"] if m["label"] != key else key)
+        out.append({"name": name, "bytes": m["size"].get("bytes"), "perplexity": m.get("perplexity")})
+    return out
+
+
+def write(folder: Path, res: dict, plot_title: str | None = None) -> list[str]:
+    """results.json, results.md and results.png into ``folder`` (each written whole, then renamed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"results.json": json.dumps(res, indent=2, default=str) + "\n", "results.md": markdown(res)}
+    for name, text in files.items():
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, folder / name)
+    tmp = folder / ".results.png.tmp.png"
+    plot(points(res), tmp, plot_title or f"{res['model'].get('source', '')}: perplexity vs size")
+    os.replace(tmp, folder / "results.png")
+    return [*files, "results.png"]
+
+
+def compare(paths: list[str]) -> dict:
+    """Merge results files measured under the same protocol into one table (refuse otherwise)."""
+    loaded = [(p, load(p)) for p in paths]
+    ref_path, ref = loaded[0]
+    key = _protocol_key(ref)
+    models: dict[str, dict] = {}
+    for path, res in loaded:
+        if _protocol_key(res) != key:
+            raise UserError(
+                f"{path} was measured under another protocol than {ref_path} ({_protocol_summary(res)} vs "
+                f"{_protocol_summary(ref)}); only results measured the same way can be compared"
+            )
+        name = _name(path, res)
+        for k, m in res["models"].items():
+            if k == "baseline":
+                if "baseline" in models:
+                    continue  # one baseline (the same text and protocol); keep the first
+                models["baseline"] = m
+            else:
+                models[name if len(res["models"]) <= 2 else f"{name}:{k}"] = {**m, "label": name}
+    merged = {**ref, "models": models, "recipe": None, "compared": [str(p) for p, _ in loaded]}
+    base = models.get("baseline")
+    merged["deltas"] = {k: deltas(base, m) for k, m in models.items() if base is not None and k != "baseline"}
+    return merged
+
+
+def _protocol_key(res: dict) -> str:
+    p = dict(res["protocol"]["perplexity"])
+    p.pop("batch_size", None)  # batching does not change the scores
+    return json.dumps({"ppl": p, "div": res["protocol"].get("divergence"), "tasks": res["protocol"].get("tasks")}, sort_keys=True)
+
+
+def _protocol_summary(res: dict) -> str:
+    p = res["protocol"]["perplexity"]
+    return f"{p['name']}/{p['seqlen']}, {p['tokens_scored']} tokens of text {p['text']['sha256'][:8]}"
+
+
+def _name(path: str, res: dict) -> str:
+    p = Path(path)
+    return (p if p.is_dir() else p.parent).name or str(p)
