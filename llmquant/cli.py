@@ -17,6 +17,8 @@ examples:
   llmquant eval out/demo --baseline asset:smollm2-135m-instruct --text asset:botchan --range 0.6 1.0 \\
       --seqlen 512 --tasks botchan_cloze --output eval/demo
   llmquant compare out/a out/b --output cmp            one table and plot from several results
+  llmquant inspect out/demo                            formats, sizes and problems, without loading the model
+  llmquant push out/demo --repo user/smollm2-mixed     check the export and upload it with a model card
   llmquant assets fetch                                download and cache the offline demo assets
 """
 
@@ -92,6 +94,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("results", nargs="+", metavar="RESULTS", help="results.json files or folders holding one")
     c.add_argument("--output", metavar="DIR", required=True, help="folder for the merged results.json, results.md, results.png")
+
+    i = sub.add_parser(
+        "inspect", help="describe a checkpoint without loading it: formats, sizes, loadability, problems",
+        description="Read a checkpoint folder (llmquant, stock bitsandbytes or unquantized) without loading the model: "
+        "every layer's format, group size, bytes and bits per weight, and whether plain transformers loads it. "
+        "Damaged or truncated files, missing shards, files changed since llmquant wrote them and tensors that do "
+        "not match config.json are reported; the exit status is 1 when there is any problem.",
+    )
+    i.add_argument("path", help="a checkpoint folder")
+    i.add_argument("--json", action="store_true", help="print the description as JSON")
+    i.add_argument("--no-checksums", action="store_true", help="skip hashing the weight files (faster on big checkpoints)")
+
+    pu = sub.add_parser(
+        "push", help="check an export and upload it to the Hugging Face Hub in one commit",
+        description="Check that OUT is a complete export that reloads to the model it was exported from, then upload "
+        "it to the Hub (the repository is created when missing) with a model card. The token comes from HF_TOKEN or "
+        "`hf auth login`; HF_ENDPOINT points at another Hub-compatible server.",
+    )
+    pu.add_argument("folder", metavar="OUT", help="an llmquant export folder")
+    pu.add_argument("--repo", required=True, metavar="USER/NAME", help="the model repository")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    pu.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created when missing)")
+    pu.add_argument("--commit-message", metavar="TEXT")
 
     a = sub.add_parser(
         "assets", help="list, fetch or locate the offline assets (demo model and text)",
@@ -206,7 +231,51 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "compare": cmd_compare, "assets": cmd_assets}
+def cmd_inspect(args) -> int:
+    import json
+
+    from .checkpoint import describe
+    from .report import human_bytes, layer_pattern, make_console
+
+    ck = describe(args.path, checksums=not args.no_checksums)
+    if args.json:
+        print(json.dumps({
+            "folder": str(ck.folder), "quant_method": ck.quant_method, "loads_with": ck.loads_with, "bytes": ck.total_bytes,
+            "layers": [{**l.__dict__, "bits_per_weight": round(l.bits_per_weight, 4)} for l in ck.layers],
+            "problems": ck.problems,
+        }, indent=2))
+        return 1 if ck.problems else 0
+    from rich.table import Table
+
+    rows: dict = {}
+    for l in ck.layers:
+        key = (layer_pattern(l.name), l.format, l.group_size, l.double_quant, l.shape)
+        n, b = rows.get(key, (0, 0))
+        rows[key] = (n + 1, b + l.bytes)
+    t = Table(title=f"{ck.folder}", title_justify="left")
+    for col in ("layers", "count", "format", "group", "double quant", "shape (out×in)", "bytes", "bits/weight"):
+        t.add_column(col, justify="right" if col in ("count", "bytes", "bits/weight") else "left")
+    for (pat, fmt, g, dq, shape), (n, b) in rows.items():
+        bpw = 8 * b / (n * shape[0] * shape[1])
+        t.add_row(pat, str(n), fmt, str(g or "–"), "yes" if dq else ("no" if dq is False else "–"), f"{shape[0]}×{shape[1]}", human_bytes(b), f"{bpw:.2f}")
+    console = make_console()
+    console.print(t)
+    q = ck.quant_method or "none (float)"
+    console.print(f"quantization_config: {q}; loads with {ck.loads_with}; {human_bytes(ck.total_bytes)} in {len(ck.files)} file(s)")
+    for problem in ck.problems:
+        console.print(f"[red]problem:[/] {problem}")
+    return 1 if ck.problems else 0
+
+
+def cmd_push(args) -> int:
+    from .hub import push
+
+    url = push(args.folder, args.repo, args.private, args.revision, args.commit_message, log=lambda m: print(m, file=sys.stderr))
+    print(f"pushed to {args.repo}: {url}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "compare": cmd_compare, "inspect": cmd_inspect, "push": cmd_push, "assets": cmd_assets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -252,9 +252,50 @@ class ExportCheck:
     tolerance: float
     tensors_checked: int
     seconds: float
+    probe: dict | None = None  # the fixed input and a summary of the logits, to re-check the folder later
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
+
+
+def probe_summary(ids: torch.Tensor, logits: torch.Tensor, device: torch.device) -> dict:
+    """Per position: the most likely token, its logit and the log-sum-exp (enough to tell a broken reload)."""
+    lg = logits[0].float()
+    return {
+        "ids": ids[0].tolist(), "device": device.type,
+        "argmax": lg.argmax(-1).tolist(), "max": lg.amax(-1).tolist(), "logsumexp": torch.logsumexp(lg, -1).tolist(),
+    }
+
+
+def check_export_folder(folder: str | Path) -> dict:
+    """The run's check, on a folder from disk: intact files, then a reload that reproduces the recorded outputs."""
+    from .checkpoint import check
+
+    folder = Path(folder)
+    ck = check(folder)
+    marker = folder / MARKER_FILE
+    if not marker.is_file():
+        raise UserError(f"{folder} is not an llmquant export (no {MARKER_FILE}); only checked exports are pushed")
+    meta = json.loads(marker.read_text())
+    probe = (meta.get("export_check") or {}).get("probe")
+    if not probe:
+        raise UserError(f"{folder}/{MARKER_FILE} has no probe record; re-export it with this llmquant")
+    device = torch.device(probe["device"] if probe["device"] == "cpu" or torch.cuda.is_available() else "cpu")
+    try:
+        model = load_export(folder, device, getattr(torch, meta["model_dtype"]))
+    except Exception as e:  # a checkpoint transformers refuses: one line, not a traceback
+        raise UserError(f"{folder} does not load: {str(e).strip().splitlines()[0]}") from None
+    ids = torch.tensor([probe["ids"]])
+    now = probe_summary(ids, logits_on(model, ids), device)
+    if device.type == probe["device"]:
+        worst = max(max(abs(a - b) for a, b in zip(now[k], probe[k])) for k in ("max", "logsumexp"))
+        ok = worst <= 1e-3 * max(1.0, max(abs(v) for v in probe["max"]))
+    else:  # another device computes differently: only demand the same predictions
+        agree = sum(a == b for a, b in zip(now["argmax"], probe["argmax"])) / len(probe["argmax"])
+        worst, ok = 1 - agree, agree >= 0.9
+    if not ok:
+        raise UserError(f"{folder} reloads, but not to the model that was exported (its outputs on the recorded input differ by {worst:.3g})")
+    return {"checkpoint": ck, "meta": meta}
 
 
 def verify_export(folder: Path, model: nn.Module, plan: Plan, chosen: dict[str, QuantizedWeight], ids: torch.Tensor) -> ExportCheck:
@@ -273,7 +314,7 @@ def verify_export(folder: Path, model: nn.Module, plan: Plan, chosen: dict[str, 
             f"the checkpoint written to {folder} does not reload to the quantized model: "
             f"max |logit difference| {diff:.3g} on a fixed input (tolerance {tol:.3g})"
         )
-    return ExportCheck(diff, tol, checked, time.perf_counter() - t0)
+    return ExportCheck(diff, tol, checked, time.perf_counter() - t0, probe_summary(ids, ref, model_device(model)))
 
 
 def _compare_layers(fresh: nn.Module, plan: Plan, chosen: dict[str, QuantizedWeight]) -> int:

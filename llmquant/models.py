@@ -92,7 +92,7 @@ def load_config(src: ModelSource, trust_remote_code: bool = False):
 
 
 def load_model(src: ModelSource, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-               quantization_config=None, allow_quantized: bool = False):
+               quantization_config=None, allow_quantized: bool = False, allow_pickle: bool = False):
     """Load a causal LM and its tokenizer (eval mode, no grad).
 
     Returns ``(model, tokenizer)``. A GGUF file is dequantized to float by transformers;
@@ -109,6 +109,14 @@ def load_model(src: ModelSource, dtype: str = "auto", device: str = "auto", trus
     torch_dtype = resolve_dtype(dtype, src, config)
     dev = pick_device(device)
     kw = src.from_pretrained_kwargs()
+    if src.kind == "folder" and not allow_pickle and not list(Path(src.location).glob("*.safetensors")):
+        if list(Path(src.location).glob("*.bin")) or list(Path(src.location).glob("*.pt")):
+            raise UserError(
+                f"model folder {src.location!r} has only pickle weights (.bin), which can run code when loaded; "
+                "convert them to safetensors or set model.allow_pickle: true"
+            )
+    if src.kind != "gguf" and not allow_pickle:
+        kw["use_safetensors"] = True  # never unpickle weights unless asked
     if quantization_config is not None:
         kw["quantization_config"] = quantization_config
         kw.setdefault("device_map", {"": str(dev)})

@@ -15,13 +15,16 @@ import torch
 from rich.console import Console
 
 from . import __version__
+from . import card
 from . import results as results_mod
+from .checkpoint import file_digests
 from .data import load_text
 from .evaluate import Evaluation, ModelResult, check_tasks, linear_size
 from .errors import UserError
 from .export import MARKER_FILE, ExportCheck, atomic_output, check_output_dir, model_device, probe_ids, safetensors_bytes, verify_export, write_checkpoint
 from .models import fingerprint, load_model, resolve_source
 from .plan import Plan, build_plan
+from .calibrate import SequentialCalibrator, calibration_windows, needs_calibration
 from .quantize import quantize_model
 from .recipe import Recipe, parse_size
 from .report import format_counts, human_bytes, make_console, print_plan
@@ -36,6 +39,7 @@ class RunResult:
     file_bytes: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     results: dict | None = None  # results.json, when the recipe evaluates
+    calibration: dict | None = None  # per-layer reconstruction errors, when a method was calibrated
 
 
 def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, progress: bool = True) -> RunResult:
@@ -50,12 +54,16 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, p
     t_start = t = time.perf_counter()
     m = recipe.model
     src = resolve_source(m.source, m.gguf_file, m.revision)
-    eval_text = None
+    eval_text = calib_text = None
     if recipe.eval and not dry_run:  # bad evaluation settings fail before the model loads
         eval_text = load_text(recipe.eval.text, "eval")
         check_tasks(recipe.eval.tasks)
+    if recipe.calibration and not dry_run:
+        calib_text = load_text(recipe.calibration.text, "calib")
+        if recipe.eval and texts_overlap(recipe.calibration.text, recipe.eval.text):
+            log.print("[yellow]warning:[/] the calibration text overlaps the evaluation text; quality numbers will be optimistic")
     log.print(f"loading {src.describe()} ...")
-    model, tokenizer = load_model(src, m.dtype, recipe.device, m.trust_remote_code)
+    model, tokenizer = load_model(src, m.dtype, recipe.device, m.trust_remote_code, allow_pickle=m.allow_pickle)
     timings["load"] = time.perf_counter() - t
 
     plan = build_plan(model, recipe.quantization, model.dtype)
@@ -75,8 +83,16 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, p
             timings["eval_baseline"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        chosen = quantize_model(model, plan, progress=progress)
+        calibrator = None
+        if needs_calibration(plan):
+            c = recipe.calibration
+            windows = calibration_windows(tokenizer, calib_text.text, c.nsamples, c.seqlen, c.seed)
+            calibrator = SequentialCalibrator(model, plan, windows, c, model_device(model), progress, log.print)
+        chosen = quantize_model(model, plan, progress=progress, calibration=calibrator)
         timings["quantize"] = time.perf_counter() - t
+        calibration_report = _calibration_summary(calibrator, calib_text) if calibrator else None
+        if calibration_report:
+            log.print(calibration_report["summary"])
 
         if evaluation:
             t = time.perf_counter()
@@ -97,7 +113,7 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, p
             timings["check"] = check.seconds
             file_bytes = safetensors_bytes(tmp)
             timings["total"] = time.perf_counter() - t_start
-            result = RunResult(recipe, plan, out, check, file_bytes, timings)
+            result = RunResult(recipe, plan, out, check, file_bytes, timings, calibration=calibration_report)
             if evaluation:
                 info = {"source": src.describe(), "fingerprint": fingerprint(src, model.config),
                         "dtype": _dtype_name(model.dtype), "device": str(model_device(model))}
@@ -105,13 +121,44 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, p
                     {k: v.to_dict() for k, v in evaluated.items()}, evaluation.protocol(), info, recipe.to_dict(), timings
                 )
                 results_mod.write(tmp, result.results, f"{Path(recipe.output.dir).name}: perplexity vs size")
-            (tmp / MARKER_FILE).write_text(json.dumps(run_metadata(result, src.describe()), indent=2) + "\n")
+            meta = run_metadata(result, src.describe())
+            meta["files"] = file_digests(tmp)
+            (tmp / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp / "README.md").write_text(card.render(tmp, recipe.hub.repo if recipe.hub else Path(recipe.output.dir).name))
     finally:
         if evaluation:
             evaluation.close()
 
     print_summary(result, console)
+    if recipe.hub:
+        from .hub import push
+
+        h = recipe.hub
+        url = push(out, h.repo, h.private, h.revision, h.commit_message, log=log.print)
+        console.print(f"pushed to {h.repo}: {url}")
     return result
+
+
+def texts_overlap(a, b) -> bool:
+    """Could two text specs share text? (the same local source with intersecting ranges)."""
+    if a.is_dataset or b.is_dataset:
+        return False  # named datasets: calibration and evaluation use different splits
+    return a.source == b.source and a.range[0] < b.range[1] and b.range[0] < a.range[1]
+
+
+def _calibration_summary(cal, text) -> dict:
+    errs = [r["layer_rel_error"] for r in cal.report]
+    worst = max(range(len(errs)), key=errs.__getitem__)
+    ordered = sorted(errs)
+    return {
+        "summary": (f"calibration: {len(errs)} decoder layers in {cal.seconds:.0f}s on {len(cal.windows)} windows of "
+                    f"{cal.windows.shape[1]} tokens; layer output error median {ordered[len(ordered) // 2]:.2%}, "
+                    f"max {errs[worst]:.2%} ({cal.report[worst]['layer']})"),
+        "seconds": round(cal.seconds, 1),
+        "text": text.meta,
+        "windows": list(cal.windows.shape),
+        "layers": cal.report,
+    }
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -149,6 +196,7 @@ def run_metadata(r: RunResult, source: str) -> dict:
             "model_bits_per_weight": round(plan.model_bits_per_weight(), 4),
         },
         "export_check": r.check.to_dict() if r.check else None,
+        "calibration": r.calibration,
         "timings_seconds": {k: round(v, 2) for k, v in r.timings.items()},
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__,
@@ -189,6 +237,11 @@ def evaluate_only(model: str, spec, output: Path, overwrite: bool = False, basel
         raise UserError(f"{output}/results.json exists; pass --overwrite to replace it")
     src = resolve_source(model)
     bsrc = resolve_source(baseline) if baseline else None
+    from .checkpoint import check
+
+    for s_ in (src, bsrc):  # damaged local checkpoints: one clear line before any loading
+        if s_ is not None and s_.kind == "folder":
+            check(s_.location)
     if bsrc is None and spec.divergence:
         spec = spec.model_copy(update={"divergence": False})
     text = load_text(spec.text, "eval")

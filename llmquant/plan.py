@@ -25,8 +25,17 @@ LLMQUANT_METHOD = "llmquant"
 FORMAT_VERSION = 1
 # A safetensors header entry is about this long besides the tensor's name.
 _HEADER_BYTES_PER_TENSOR = 72
-# Size of the packed QuantState JSON bitsandbytes stores beside each 4-bit weight (about).
-_QUANT_STATE_JSON_BYTES = 130
+
+
+def _quant_state_json_bytes(s: FourBit, shape: tuple[int, int], dtype: torch.dtype) -> int:
+    """Length of the packed QuantState JSON bitsandbytes stores beside a 4-bit weight (exact but for the
+    digits of the double-quantization offset, taken as 20)."""
+    d = {"quant_type": s.format, "blocksize": s.group_size, "dtype": str(dtype).removeprefix("torch."), "shape": list(shape)}
+    if s.double_quant:
+        d.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=0.123456789012345678)
+    import json
+
+    return len(json.dumps(d).encode())
 
 
 def matches(pattern: str, name: str) -> bool:
@@ -189,7 +198,7 @@ def entry_tensors(e: PlanEntry, model_dtype: torch.dtype) -> dict[str, tuple[tup
         blocks = n // s.group_size
         t["weight"] = (((n + 1) // 2, 1), torch.uint8)
         t["weight.quant_map"] = ((16,), torch.float32)
-        t[f"weight.quant_state.bitsandbytes__{s.format}"] = ((_QUANT_STATE_JSON_BYTES,), torch.uint8)
+        t[f"weight.quant_state.bitsandbytes__{s.format}"] = ((_quant_state_json_bytes(s, (out, e.in_features), model_dtype),), torch.uint8)
         if s.double_quant:
             t["weight.absmax"] = ((blocks,), torch.uint8)
             t["weight.nested_absmax"] = ((math.ceil(blocks / NESTED_BLOCKSIZE),), torch.float32)

@@ -42,8 +42,11 @@ def quantize_layer(module: nn.Module, entry: PlanEntry, dtype: torch.dtype, stat
     return algo.quantize(layer_weight(module).detach(), entry.scheme, dtype, stats)
 
 
-def quantize_model(model: nn.Module, plan: Plan, progress: bool = True) -> dict[str, QuantizedWeight]:
-    """Quantize every planned layer one by one (for data-free algorithms such as rtn)."""
+def quantize_model(model: nn.Module, plan: Plan, progress: bool = True, calibration=None) -> dict[str, QuantizedWeight]:
+    """Quantize every planned layer: one by one for data-free methods, decoder layer by decoder
+    layer on ``calibration`` (a :class:`llmquant.calibrate.SequentialCalibrator`) for calibrated ones."""
+    if calibration is not None:
+        return calibration.run()
     todo = [e for e in plan.entries if e.scheme is not None]
     done: dict[str, QuantizedWeight] = {}
     with torch.no_grad():

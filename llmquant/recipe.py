@@ -46,6 +46,8 @@ class ModelSpec(StrictModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # Run Python code shipped with the checkpoint. Off unless you trust its author.
     trust_remote_code: bool = False
+    # Also read pickle weight files (.bin/.pt), which can run code when loaded. Off: safetensors only.
+    allow_pickle: bool = False
 
     @field_validator("source")
     @classmethod
@@ -164,6 +166,43 @@ class Output(StrictModel):
         return str(v)
 
 
+class GPTQOptions(StrictModel):
+    # Added to H's diagonal, as a fraction of its mean (numerical stability).
+    damp: float = Field(0.01, gt=0, le=1)
+    # Quantize inputs in decreasing order of their energy (block scales then fixed up front).
+    act_order: bool = True
+
+
+class SearchOptions(StrictModel):
+    # Scales tried per block (4-bit) or row (int8): absmax * [min_ratio, 1] in `grid` steps.
+    grid: int = Field(20, ge=1, le=200)
+    min_ratio: float = Field(0.5, gt=0, le=1)
+
+
+class AWQOptions(StrictModel):
+    # Exponents alpha tried for s = mean|x|^alpha (0 = no scaling, always a candidate).
+    grid: int = Field(20, ge=1, le=200)
+    # Calibration tokens kept per layer for the int8 (LLM.int8 simulation) objective.
+    tokens: int = Field(4096, ge=64)
+
+
+class CalibrationSpec(StrictModel):
+    """Data for calibrated methods (scale_search, gptq, awq, awq+gptq)."""
+
+    # Calibration text; by default it must not overlap the evaluation text (a warning says when it does).
+    text: TextSpec = Field(default_factory=lambda: TextSpec(source="wikitext2"))
+    # Random windows of `seqlen` tokens (fixed seed), as the GPTQ paper samples them.
+    nsamples: int = Field(128, ge=1)
+    seqlen: int = Field(2048, ge=8)
+    seed: int = 0
+    # Re-measure each group of layers' inputs after the layers before it in the same
+    # decoder layer are quantized (slower, usually better).
+    true_sequential: bool = True
+    gptq: GPTQOptions = Field(default_factory=GPTQOptions)
+    scale_search: SearchOptions = Field(default_factory=SearchOptions)
+    awq: AWQOptions = Field(default_factory=AWQOptions)
+
+
 class EvalSpec(StrictModel):
     """How models are evaluated: the same protocol for the baseline and every quantized model."""
 
@@ -209,15 +248,51 @@ class EvalSpec(StrictModel):
         return self
 
 
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class HubSpec(StrictModel):
+    """Push the export to the Hugging Face Hub when the run succeeds (token: HF_TOKEN or `hf auth login`)."""
+
+    # The model repository, "user/name" or "org/name" (created when missing).
+    repo: str
+    private: bool = False
+    # Branch to commit to (created when missing); the default branch when not given.
+    revision: str | None = None
+    commit_message: str | None = None
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, v: str) -> str:
+        if not REPO_ID_RE.match(v):
+            raise ValueError(f"{v!r} is not a Hub repository id; write user/name")
+        return v
+
+
 class Recipe(StrictModel):
     version: Literal[1] = RECIPE_VERSION
     model: ModelSpec
     # Where quantization and evaluation run: auto (a GPU when there is one), cpu, cuda, cuda:N.
     device: str = "auto"
     quantization: Quantization = Field(default_factory=Quantization)
+    # Calibration data, needed by the calibrated methods.
+    calibration: CalibrationSpec | None = None
     # Evaluate baseline and quantized model (perplexity, divergence, tasks); none when absent.
     eval: EvalSpec | None = None
     output: Output
+    # Push the checked export to the Hub at the end; none when absent.
+    hub: HubSpec | None = None
+
+    @model_validator(mode="after")
+    def _calibrated_methods_need_data(self) -> "Recipe":
+        from .algorithms import ALGORITHMS
+
+        q = self.quantization
+        methods = {q.method, *(r.method for r in q.rules if r.method)}
+        calibrated = sorted(m for m in methods if ALGORITHMS[m].calibrated)
+        if calibrated and self.calibration is None:
+            raise ValueError(f"method {calibrated[0]} needs calibration data: add a calibration section (text, nsamples, seqlen)")
+        return self
 
     @field_validator("device")
     @classmethod

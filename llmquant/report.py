@@ -31,13 +31,17 @@ def layer_pattern(name: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
 
 
-def grouped(entries: list[PlanEntry]) -> list[tuple[str, str, int, str]]:
-    """(layer pattern, format label, count, method) rows in model order."""
+def grouped_rows(layers: list[dict]) -> list[tuple[str, str, int, str]]:
+    """(layer pattern, format, count, method) rows in model order, from ``{"name", "format", "method"}`` records."""
     rows: "OrderedDict[tuple[str, str, str], int]" = OrderedDict()
-    for e in entries:
-        key = (layer_pattern(e.name), e.label(), e.method or "-")
+    for layer in layers:
+        key = (layer_pattern(layer["name"]), layer["format"], layer.get("method") or "-")
         rows[key] = rows.get(key, 0) + 1
-    return [(pat, label, n, method) for (pat, label, method), n in rows.items()]
+    return [(pat, fmt, n, method) for (pat, fmt, method), n in rows.items()]
+
+
+def grouped(entries: list[PlanEntry]) -> list[tuple[str, str, int, str]]:
+    return grouped_rows([{"name": e.name, "format": e.label(), "method": e.method} for e in entries])
 
 
 def format_counts(plan: Plan) -> dict[str, int]:

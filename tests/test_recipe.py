@@ -55,7 +55,7 @@ def test_overrides_revalidate():
 
 BASE = {"model": {"source": "org/model"}, "output": {"dir": "out/x"}}
 BAD = [
-    ("unknown-top-key", {**BASE, "quantisation": {}}, "unknown key 'quantisation'; allowed keys: version, model, device, quantization, eval, output"),
+    ("unknown-top-key", {**BASE, "quantisation": {}}, "unknown key 'quantisation'; allowed keys: version, model, device, quantization, calibration, eval, output, hub"),
     ("unknown-model-key", {**BASE, "model": {"source": "a/b", "revison": "main"}}, "model: unknown key 'revison'"),
     ("missing-model", {"output": {"dir": "x"}}, "model: missing required key"),
     ("missing-output", {"model": {"source": "a/b"}}, "output: missing required key"),

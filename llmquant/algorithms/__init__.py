@@ -21,6 +21,8 @@ class Algorithm:
     name: str = ""
     # Whether it needs calibration activations (statistics of each layer's inputs).
     calibrated: bool = False
+    # Whether it first folds activation-aware scales into the model (AWQ).
+    scales_inputs: bool = False
 
     def quantize(self, weight: torch.Tensor, scheme, dtype: torch.dtype, stats=None) -> QuantizedWeight:
         raise NotImplementedError
@@ -37,4 +39,4 @@ def register(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
     return deco
 
 
-from . import rtn  # noqa: E402,F401  (registers)
+from . import rtn, scale_search, gptq, awq  # noqa: E402,F401,I001  (registers, in the order errors list them)

@@ -1,0 +1,172 @@
+"""Activation-aware scaling (AWQ, Lin et al. 2023): per-input-channel scales folded into the model.
+
+For Linear layers that read the same activation ``x`` (for example q/k/v after the
+attention norm), multiplying their weights' input columns by ``s`` and dividing the
+activation by ``s`` (folded into the norm or Linear that produces it) leaves the float
+model unchanged, but moves quantization error away from the channels that carry the
+most signal. ``s = mean|x|^α`` with ``α`` searched on calibration data.
+
+The search objective is the layers' output error under the real format:
+
+* 4-bit: ``tr(E H Eᵀ)`` with ``E`` the weight error in the original space (exact for
+  the calibration tokens, through the input Hessian ``H``);
+* int8: the output of a simulation of bitsandbytes' LLM.int8 matmul (activations cast
+  to fp16, outlier columns above the threshold kept in fp16, the rest quantized per
+  token to int8) on a sample of calibration tokens: for LLM.int8 the scaling mostly
+  matters because it flattens the activations that get quantized.
+
+Which norm or Linear precedes which layers is a table of name patterns (Llama, Qwen2,
+Mistral and other Llama-style decoders; OPT); a pair whose shapes do not fit (a v_proj
+narrower than o_proj with grouped-query attention) or whose norm is not a plain
+``weight * x`` (Gemma's ``1 + weight``) is skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..quantized import INT8_INV_127, codebook
+from ..schemes import FourBit, Int8
+from .grid import quadratic_error, round_4bit, round_int8
+
+# (the module producing the activation, the Linear layers reading it), relative to a decoder layer.
+SCALING_PAIRS = [
+    ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+    ("self_attn.v_proj", ["self_attn.o_proj"]),
+    ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+    ("mlp.up_proj", ["mlp.down_proj"]),
+    ("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),  # OPT
+    ("final_layer_norm", ["fc1"]),
+    ("fc1", ["fc2"]),  # OPT's ReLU commutes with positive scales
+]
+
+
+@dataclass
+class ScalingGroup:
+    prev: str  # full name of the module producing the shared input
+    targets: list[str]  # full names of the Linear layers reading it
+
+
+def _plain_norm(m: nn.Module, width: int) -> bool:
+    w = getattr(m, "weight", None)
+    return (
+        isinstance(w, torch.Tensor) and w.dim() == 1 and w.shape[0] == width
+        and "Gemma" not in type(m).__name__ and "norm" in type(m).__name__.lower()
+    )
+
+
+def scaling_groups(layer: nn.Module, prefix: str) -> list[ScalingGroup]:
+    """The (producer, readers) pairs of this decoder layer that can take folded scales."""
+    out = []
+    names = dict(layer.named_modules())
+    for prev, targets in SCALING_PAIRS:
+        if prev not in names or not all(t in names for t in targets):
+            continue
+        readers = [names[t] for t in targets]
+        if not all(type(r) is nn.Linear for r in readers):
+            continue
+        width = readers[0].in_features
+        if any(r.in_features != width for r in readers):
+            continue
+        p = names[prev]
+        ok = (type(p) is nn.Linear and p.out_features == width) or _plain_norm(p, width)
+        if ok:
+            out.append(ScalingGroup(f"{prefix}.{prev}", [f"{prefix}.{t}" for t in targets]))
+    return out
+
+
+def llm_int8_output(x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, threshold: float) -> torch.Tensor:
+    """bitsandbytes' LLM.int8 product ``x @ Wᵀ`` for int8 weights, simulated in float32 (its default-backend steps)."""
+    a = x.to(torch.float16).float()
+    quant = a.clone()
+    cols = None
+    if threshold > 0:
+        outliers = a.abs() >= threshold
+        cols = outliers.any(0)
+        quant[outliers] = 0
+    rowmax = quant.abs().amax(1).clamp_min(1e-8)
+    qa = torch.round(quant * (127.0 / rowmax.unsqueeze(1)))
+    if cols is not None and len(a) > 1:
+        qa[:, cols] = 0
+    y = (qa @ codes.float().t()) * (rowmax.unsqueeze(1) * scb.unsqueeze(0)) * (1.0 / (127 * 127))
+    if cols is not None and cols.any():
+        w_cols = (codes[:, cols].float() * scb.unsqueeze(1) * INT8_INV_127).to(torch.float16).float()
+        y = y + a[:, cols] @ w_cols.t()
+    return y
+
+
+def _loss(w: torch.Tensor, scheme, s: torch.Tensor, h: torch.Tensor, x_sample: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared output error per token of one layer with input scales ``s`` (RTN on its grid)."""
+    ws = w * s.unsqueeze(0)
+    if isinstance(scheme, FourBit):
+        out_f, in_f = w.shape
+        g = scheme.group_size
+        blocks = ws.reshape(out_f, in_f // g, g)
+        _, q = round_4bit(blocks, blocks.abs().amax(-1), codebook(scheme.format, w.device))
+        e = w - q.reshape(out_f, in_f) / s.unsqueeze(0)
+        return quadratic_error(e, h).sum()
+    if isinstance(scheme, Int8):
+        assert x_sample is not None
+        codes, _ = round_int8(ws, ws.abs().amax(-1))
+        y = llm_int8_output(x_sample / s.unsqueeze(0), codes, ws.abs().amax(-1), scheme.threshold)
+        return ((y - x_sample @ w.t()) ** 2).sum() / len(x_sample)
+    return torch.zeros((), device=w.device)  # kept in float: not affected by the scaling
+
+
+def search_scales(weights: list[torch.Tensor], schemes: list, h: torch.Tensor, x_abs_mean: torch.Tensor,
+                  x_sample: torch.Tensor | None, grid: int = 20) -> tuple[torch.Tensor, float, float]:
+    """Best ``s = mean|x|^α`` for layers reading one input; returns (s, α, loss ratio to no scaling)."""
+    base = x_abs_mean.float().clamp_min(1e-5)
+    best_s, best_alpha, best_loss, first = torch.ones_like(base), 0.0, float("inf"), None
+    for alpha in torch.linspace(0, 1, grid + 1).tolist():
+        s = base.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        loss = sum(_loss(w, sc, s, h, x_sample) for w, sc in zip(weights, schemes)).item()
+        if first is None:
+            first = loss  # alpha = 0: no scaling
+        if loss < best_loss:
+            best_s, best_alpha, best_loss = s, alpha, loss
+    if best_alpha == 0.0:
+        best_s = torch.ones_like(base)
+    return best_s, best_alpha, (best_loss / first if first else 1.0)
+
+
+@torch.no_grad()
+def apply_scales(model: nn.Module, group: ScalingGroup, s: torch.Tensor) -> None:
+    """Divide the producer's output by ``s`` and multiply the readers' input columns by it (float model unchanged)."""
+    prev = model.get_submodule(group.prev)
+    dt = prev.weight.dtype
+    s = s.to(prev.weight.device, torch.float32)
+    if type(prev) is nn.Linear:
+        prev.weight.data = (prev.weight.float() / s.unsqueeze(1)).to(dt)
+    else:
+        prev.weight.data = (prev.weight.float() / s).to(dt)
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
+    for name in group.targets:
+        t = model.get_submodule(name)
+        t.weight.data = (t.weight.float() * s.to(t.weight.device).unsqueeze(0)).to(t.weight.dtype)
+
+
+# ---- the methods: scaling first, then each layer's own quantizer --------------------------
+
+from . import register  # noqa: E402
+from .gptq import GPTQ  # noqa: E402
+from .scale_search import ScaleSearch  # noqa: E402
+
+
+@register("awq")
+class AWQ(ScaleSearch):
+    """Activation-aware input scaling, then scale search on the scaled weights."""
+
+    scales_inputs = True
+
+
+@register("awq+gptq")
+class AWQGPTQ(GPTQ):
+    """Activation-aware input scaling, then GPTQ on the scaled weights."""
+
+    scales_inputs = True

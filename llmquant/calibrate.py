@@ -1,0 +1,315 @@
+"""Calibrated quantization, one decoder layer at a time.
+
+The calibration windows run through the embeddings once; then, for each decoder
+layer in turn, its inputs are the outputs of the layers before it *as quantized*
+(so every layer calibrates on what the quantized model will really feed it):
+
+1. run the float layer, measuring each Linear's input statistics (``H = XᵀX``, mean
+   ``|x|``, a token sample) and keeping the float outputs;
+2. activation-aware scaling (methods ``awq``, ``awq+gptq``): search and fold the scales;
+3. quantize the layer's Linear groups in the order the layer calls them (with
+   ``true_sequential``, each group's inputs re-measured after the groups before it
+   are quantized), and swap in the bitsandbytes modules;
+4. run the quantized layer: its outputs, compared with the float outputs, give the
+   layer's reconstruction error, and feed the next layer.
+
+Only the current layer needs to be on the compute device; the rest of the model stays
+where it was loaded (CPU), so a model larger than the GPU can be calibrated.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .algorithms import ALGORITHMS
+from .algorithms.awq import apply_scales, scaling_groups, search_scales
+from .algorithms.scale_search import LayerStats
+from .errors import UserError
+from .plan import Plan, PlanEntry, quantizable
+from .quantize import install, layer_weight, quantize_layer
+from .quantized import QuantizedWeight
+
+
+def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` random windows of ``seqlen`` tokens (fixed seed), as the GPTQ paper samples them."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if len(ids) <= seqlen:
+        raise UserError(f"the calibration text has {len(ids)} tokens, not enough for windows of calibration.seqlen {seqlen}")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of identical blocks holding Linear layers (the longest such ModuleList)."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and all(type(c) is type(m[0]) for c in m):
+            if any(quantizable(x) for x in m[0].modules()) and (best is None or len(m) > len(best[1])):
+                best = (name, m)
+    if best is None:
+        raise UserError(f"{type(model).__name__}: no stack of decoder layers found to calibrate layer by layer")
+    return best
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class _Inputs:
+    """Statistics of one tensor fed to one or more Linear layers of the current decoder layer."""
+
+    h: torch.Tensor | None = None
+    abs_sum: torch.Tensor | None = None
+    tokens: int = 0
+    sample: list[torch.Tensor] = field(default_factory=list)
+    sampled: int = 0
+
+    def add(self, x: torch.Tensor, keep_tokens: int) -> None:
+        """Accumulate H (and, when ``keep_tokens`` > 0, mean |x| and a token sample for AWQ)."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        if self.h is None:
+            self.h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self.abs_sum = torch.zeros(x.shape[1], device=x.device)
+        self.h.addmm_(x.t(), x)
+        self.tokens += len(x)
+        if keep_tokens:
+            self.abs_sum += x.abs().sum(0)
+        if self.sampled < keep_tokens:
+            take = x[: keep_tokens - self.sampled]
+            self.sample.append(take.clone())
+            self.sampled += len(take)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.h / max(self.tokens, 1)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.tokens, 1)
+
+
+class SequentialCalibrator:
+    def __init__(self, model: nn.Module, plan: Plan, windows: torch.Tensor, spec, device: torch.device,
+                 progress: bool = True, log=print):
+        self.model, self.plan, self.windows, self.spec = model, plan, windows, spec
+        self.device, self.progress, self.log = device, progress, log
+        self.entries = {e.name: e for e in plan.entries if e.scheme is not None}
+        self.chosen: dict[str, QuantizedWeight] = {}
+        self.report: list[dict] = []
+
+    # ---- running one decoder layer on all calibration windows -------------------------------
+
+    def _capture_first_inputs(self, first: nn.Module) -> tuple[list[torch.Tensor], tuple, dict]:
+        saved: dict = {}
+        inputs: list[torch.Tensor] = []
+
+        def hook(module, args, kwargs):
+            hs = args[0] if args else kwargs["hidden_states"]
+            inputs.append(hs.detach())
+            saved.setdefault("args", args[1:])
+            saved.setdefault("kwargs", {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for w in self.windows:
+                    try:
+                        self.model(w.unsqueeze(0).to(self._input_device()), use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+        return inputs, saved["args"], saved["kwargs"]
+
+    def _input_device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def _run_layer(self, layer: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        args, kwargs = _to(self._args, self.device), _to(self._kwargs, self.device)
+        outs = []
+        with torch.no_grad():
+            for x in inputs:
+                y = layer(x.to(self.device), *args, **kwargs)
+                outs.append((y[0] if isinstance(y, tuple) else y).detach())
+        return outs
+
+    def _measure(self, layer: nn.Module, inputs: list[torch.Tensor], names: list[str], stop_early: bool = False,
+                 first_group_only: bool = False, keep: int = 0) -> tuple[dict, list, list]:
+        """Run the layer on every window, measuring the inputs of ``names``.
+
+        Layers reading the very same tensor in one forward call (q/k/v, gate/up) share
+        one statistics object. With ``stop_early`` each forward stops once all of ``names``
+        have seen their input (no outputs are returned then); with ``first_group_only`` only
+        the first group called gets statistics (the others are measured again later anyway).
+        ``keep`` tokens per input are sampled, with mean |x|, for AWQ. Returns (statistics by
+        layer name, groups in call order, the layer's outputs).
+        """
+        stats: dict[str, _Inputs] = {}
+        groups: list[list[str]] = []
+        owner_of: dict[tuple, str] = {}  # input tensor of this forward call -> first layer that read it
+        first_call = [True]
+
+        def make_hook(name):
+            def hook(module, args):
+                x = args[0]
+                owner = owner_of.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), name)
+                if owner == name:
+                    if first_call[0]:
+                        groups.append([name])
+                    if not first_group_only or groups[0][0] == name:
+                        stats.setdefault(name, _Inputs()).add(x, keep)
+                else:
+                    if owner in stats:
+                        stats[name] = stats[owner]
+                    if first_call[0]:
+                        next(g for g in groups if g[0] == owner).append(name)
+                seen.add(name)
+                if stop_early and len(seen) == len(names):
+                    raise _Stop
+
+            return hook
+
+        hooks = [self.model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+        args, kwargs = _to(self._args, self.device), _to(self._kwargs, self.device)
+        outs = []
+        seen: set[str] = set()
+        try:
+            with torch.no_grad():
+                for x in inputs:
+                    owner_of.clear()
+                    seen.clear()
+                    try:
+                        y = layer(x.to(self.device), *args, **kwargs)
+                        outs.append((y[0] if isinstance(y, tuple) else y).detach())
+                    except _Stop:
+                        pass
+                    first_call[0] = False
+        finally:
+            for h in hooks:
+                h.remove()
+        return stats, groups, outs
+
+    # ---- the whole model -------------------------------------------------------------------
+
+    def run(self) -> dict[str, QuantizedWeight]:
+        t_start = time.perf_counter()
+        stack_name, layers = decoder_layers(self.model)
+        inside = {f"{stack_name}.{i}" for i in range(len(layers))}
+        outside = [e for n, e in self.entries.items() if not any(n.startswith(p + ".") for p in inside)]
+        self.log(f"calibrating {len(layers)} decoder layers on {len(self.windows)} windows of {self.windows.shape[1]} tokens")
+        inputs, self._args, self._kwargs = self._capture_first_inputs(layers[0])
+        bar = tqdm(range(len(layers)), desc="calibrating", unit="layer", disable=not self.progress)
+        for i in bar:
+            layer = layers[i]
+            prefix = f"{stack_name}.{i}"
+            home = next(layer.parameters()).device
+            layer.to(self.device)
+            inputs = [x.to(self.device) for x in inputs]
+            err = self._layer(layer, prefix, inputs)
+            layer.to(home)
+            bar.set_postfix_str(f"layer {i}: output error {err['layer_rel_error']:.3%}")
+            self.report.append(err)
+            inputs = err.pop("_outputs")
+        for e in outside:  # e.g. a quantized output head: no decoder-layer statistics
+            method = "rtn" if ALGORITHMS[e.method].calibrated else e.method
+            self.log(f"{e.name}: outside the decoder layers, quantized with {method}")
+            qw = ALGORITHMS[method].quantize(layer_weight(self.model.get_submodule(e.name)).detach(), e.scheme, self.plan.model_dtype)
+            install(self.model, e, qw, self.plan.model_dtype)
+            self.chosen[e.name] = qw
+        self.seconds = time.perf_counter() - t_start
+        return self.chosen
+
+    def _layer(self, layer: nn.Module, prefix: str, inputs: list[torch.Tensor]) -> dict:
+        names = [f"{prefix}.{n}" for n, m in layer.named_modules() if n and f"{prefix}.{n}" in self.entries]
+        awq = any(ALGORITHMS[self.entries[n].method].scales_inputs for n in names)
+        stats, groups, float_out = self._measure(
+            layer, inputs, names, first_group_only=self.spec.true_sequential and not awq, keep=self.spec.awq.tokens if awq else 0
+        )
+        groups += [[n] for n in names if not any(n in g for g in groups)]  # layers the forward never called
+        report = {"layer": prefix, "scaled": []}
+
+        # activation-aware scaling, on the float layer's statistics
+        for sg in scaling_groups(layer, prefix):
+            if not any(ALGORITHMS[self.entries[t].method].scales_inputs for t in sg.targets if t in self.entries):
+                continue
+            st = stats.get(sg.targets[0])
+            if st is None:
+                continue
+            entries = [self.entries.get(t) for t in sg.targets]
+            weights = [layer_weight(self.model.get_submodule(t)).detach().float() for t in sg.targets]
+            schemes = [e.scheme if e is not None else None for e in entries]
+            sample = torch.cat(st.sample) if st.sample else None
+            s, alpha, ratio = search_scales(weights, schemes, st.hessian, st.abs_mean, sample, self.spec.awq.grid)
+            if alpha > 0:
+                apply_scales(self.model, sg, s)
+                st.h = st.h / (s.unsqueeze(0) * s.unsqueeze(1))
+                st.abs_sum = st.abs_sum / s
+                st.sample = [x / s for x in st.sample]
+            report["scaled"].append({"after": sg.prev.removeprefix(prefix + "."), "alpha": alpha, "loss_ratio": ratio})
+
+        options = {**self.spec.gptq.model_dump(), **self.spec.scale_search.model_dump()}
+        for gi, group in enumerate(groups):
+            if self.spec.true_sequential and gi > 0 and any(ALGORITHMS[self.entries[n].method].calibrated for n in group):
+                stats.update(self._measure(layer, inputs, group, stop_early=True)[0])  # as the quantized layers before give them
+            for name in group:
+                e, st = self.entries[name], stats.get(name)
+                module = self.model.get_submodule(name)
+                if not ALGORITHMS[e.method].calibrated:
+                    qw = quantize_layer(module, e, self.plan.model_dtype)
+                elif st is None:  # the forward never called it: no statistics
+                    self.log(f"{name}: no calibration inputs reached it, quantized with rtn")
+                    qw = ALGORITHMS["rtn"].quantize(layer_weight(module).detach(), e.scheme, self.plan.model_dtype)
+                else:
+                    ls = LayerStats(st.hessian, st.tokens, options)
+                    w = layer_weight(module).detach().float()
+                    qw = quantize_layer(module, e, self.plan.model_dtype, ls)
+                    report.setdefault("linear_rel_error", {})[name.removeprefix(prefix + ".")] = _rel_error(w, qw, ls.hessian)
+                install(self.model, e, qw, self.plan.model_dtype)
+                self.chosen[name] = qw
+
+        quant_out = self._run_layer(layer, inputs)
+        num = sum(((q.float() - f.float()) ** 2).sum() for q, f in zip(quant_out, float_out))
+        den = sum((f.float() ** 2).sum() for f in float_out)
+        report["layer_rel_error"] = (num / den).sqrt().item()
+        report["_outputs"] = quant_out
+        return report
+
+
+def _to(obj, device):
+    """Tensors (also inside tuples, lists and dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _rel_error(w: torch.Tensor, qw: QuantizedWeight, h: torch.Tensor) -> float:
+    """Relative output error of one Linear on its calibration inputs: sqrt(tr(E H Eᵀ) / tr(W H Wᵀ))."""
+    from .algorithms.grid import quadratic_error
+
+    h = h.to(w.device)
+    e = w - qw.dequantize().to(w.device)
+    return (quadratic_error(e, h).sum() / quadratic_error(w, h).sum().clamp_min(1e-30)).sqrt().item()
+
+
+def calibrated_methods(plan: Plan) -> list[str]:
+    return sorted({e.method for e in plan.entries if e.scheme is not None and ALGORITHMS[e.method].calibrated})
+
+
+def needs_calibration(plan: Plan) -> bool:
+    return bool(calibrated_methods(plan))
+
+
+__all__ = ["SequentialCalibrator", "calibration_windows", "decoder_layers", "needs_calibration", "PlanEntry"]

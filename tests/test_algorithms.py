@@ -1,0 +1,123 @@
+"""Calibrated methods on single layers: tests a wrong implementation would fail."""
+
+import pytest
+import torch
+
+import bitsandbytes.functional as F
+from llmquant.algorithms import ALGORITHMS
+from llmquant.algorithms.awq import llm_int8_output, search_scales
+from llmquant.algorithms.grid import diagonal_blocks, round_4bit, search_block_scales
+from llmquant.algorithms.gptq import gptq
+from llmquant.algorithms.rtn import rtn_4bit, rtn_int8
+from llmquant.algorithms.scale_search import LayerStats
+from llmquant.backends.bnb import build_module, quant_state
+from llmquant.quantized import FourBitWeight, codebook, pack_4bit
+from llmquant.schemes import FourBit, Int8
+
+
+def layer(out=192, n=256, seed=0):
+    """A weight and correlated inputs with a few loud channels, as real layers see them."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, n, generator=g) * 0.05
+    mix = torch.randn(n, n, generator=g) * 0.3 + torch.eye(n)
+    loud = torch.ones(n)
+    loud[:6] = 15.0
+
+    def inputs(t, s):
+        return (torch.randn(t, n, generator=torch.Generator().manual_seed(s)) @ mix) * loud
+
+    calib, held = inputs(2048, seed + 1), inputs(2048, seed + 2)
+    return w, calib.t() @ calib / len(calib), held
+
+
+def out_err(w, qw, x):
+    return ((x @ (w - qw.dequantize()).t()) ** 2).mean().item()
+
+
+SCHEMES = [FourBit(format="nf4"), FourBit(format="fp4", group_size=32, double_quant=True), Int8(threshold=0.0)]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+def test_gptq_beats_rtn_on_held_out_inputs(scheme, act_order):
+    w, h, held = layer()
+    rtn = rtn_4bit(w, scheme, torch.float32) if isinstance(scheme, FourBit) else rtn_int8(w, scheme)
+    q = gptq(w, h, scheme, torch.float32, act_order=act_order)
+    assert out_err(w, q, held) < 0.6 * out_err(w, rtn, held)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES[:2], ids=lambda s: s.label())
+def test_scale_search_never_increases_its_objective(scheme):
+    w, h, held = layer()
+    g, cb = scheme.group_size, codebook(scheme.format)
+    chosen = search_block_scales(w, h, g, scheme.format)
+    blocks = w.reshape(w.shape[0], -1, g)
+    absmax = blocks.abs().amax(-1)
+    hb = diagonal_blocks(h, g)
+
+    def objective(scales):
+        e = (blocks - round_4bit(blocks, scales, cb)[1]).transpose(0, 1)
+        return (torch.bmm(e, hb) * e).sum(-1).t()
+
+    assert (objective(chosen) <= objective(absmax) + 1e-12).all()  # block by block
+    assert objective(chosen).sum() < 0.8 * objective(absmax).sum()  # and it does find better scales
+    qw = ALGORITHMS["scale_search"].quantize(w, scheme, torch.float32, LayerStats(h))
+    rtn = rtn_4bit(w, scheme, torch.float32)
+    assert out_err(w, qw, held) < out_err(w, rtn, held)
+
+
+@pytest.mark.parametrize("scheme", [FourBit(format="nf4"), FourBit(format="fp4", group_size=128, double_quant=True)], ids=lambda s: s.label())
+@pytest.mark.parametrize("method", ["gptq", "scale_search"])
+def test_stored_codes_and_scales_dequantize_exactly_to_the_chosen_weights(scheme, method):
+    w, h, _ = layer()
+    qw = ALGORITHMS[method].quantize(w, scheme, torch.float32, LayerStats(h, options={"act_order": True}))
+    assert isinstance(qw, FourBitWeight)
+    packed, qs = pack_4bit(qw.codes), quant_state(qw)
+    # bitsandbytes' own dequantization of what would be stored == what the algorithm chose
+    assert torch.equal(F.dequantize_4bit(packed, qs), qw.dequantize())
+    if scheme.double_quant:  # the scales are exactly representable as bitsandbytes stores them
+        assert torch.equal(qw.nested.dequantize(), qw.scales)
+    m = build_module(qw, None, torch.float32, "cpu")
+    assert torch.equal(F.dequantize_4bit(m.weight.data, m.weight.quant_state), qw.dequantize())
+
+
+def test_int8_gptq_codes_are_valid_rows():
+    w, h, held = layer()
+    q = gptq(w, h, Int8(threshold=6.0), torch.float32)
+    assert q.codes.dtype == torch.int8 and q.codes.abs().max() <= 127
+    assert torch.equal(q.dequantize(), F.int8_vectorwise_dequant(q.codes, q.scb))
+    assert out_err(w, q, held) < out_err(w, rtn_int8(w, Int8()), held)
+
+
+def test_awq_search_never_loses_to_no_scaling_and_folding_is_exact():
+    from torch import nn
+
+    from llmquant.algorithms.awq import ScalingGroup, apply_scales
+
+    w, h, held = layer()
+    absmean = held.abs().mean(0)
+    s, alpha, ratio = search_scales([w], [FourBit(format="nf4")], h, absmean, None)
+    assert ratio <= 1.0 and (alpha == 0) == bool(torch.all(s == 1))
+    # folding the scales into a norm and the Linear that reads it leaves the float function unchanged
+    norm = nn.Module()
+    norm.weight = nn.Parameter(torch.rand(256) + 0.5)
+    lin = nn.Linear(256, 192, bias=False)
+    lin.weight.data = w.clone()
+    model = nn.ModuleDict({"norm": norm, "lin": lin})
+    x = torch.randn(7, 256)
+    before = lin(x * norm.weight)
+    apply_scales(model, ScalingGroup("norm", ["lin"]), torch.rand(256) + 0.5)
+    assert torch.allclose(lin(x * norm.weight), before, atol=1e-5)
+
+
+def test_llm_int8_simulation_matches_bitsandbytes():
+    w, _, held = layer()
+    x = held[:300].clone()
+    x[:5, 40] = 9.0  # a few outliers above the threshold
+    for t in (0.0, 6.0):
+        qw = rtn_int8(w, Int8(threshold=t))
+        with torch.no_grad():
+            y = build_module(qw, None, torch.float32, "cpu")(x)
+        ref = x @ w.t()
+        sim = llm_int8_output(x, qw.codes, qw.scb, t)
+        assert (sim - y).norm() / ref.norm() < 0.05 * (y - ref).norm() / ref.norm()

@@ -1,0 +1,201 @@
+"""Failure modes: bad input, interrupted and killed runs, damaged checkpoints, unsafe files."""
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from llmquant.checkpoint import describe
+from llmquant.cli import main
+from llmquant.pipeline import run
+from llmquant.recipe import Recipe
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def export(model_dir, out, quant=None, **output):
+    r = Recipe.from_dict({"model": {"source": str(model_dir)}, "device": "cpu", "quantization": quant or {"default": "nf4"},
+                          "output": {"dir": str(out), **output}})
+    return run(r, console=Console(file=io.StringIO()), progress=False)
+
+
+# ---- bad input: one line, exit status 2, nothing on disk touched ------------------------------
+
+M = "{model}"  # replaced by a tiny Llama folder
+BAD_RECIPES = [
+    ("unknown-key", "model: {source: M}\noutput: {dir: out}\nquantisation: {}\n", "unknown key 'quantisation'"),
+    ("rule-unknown-key", "model: {source: M}\noutput: {dir: out}\nquantization: {rules: [{match: '*', format: nf4, groupsize: 32}]}\n", "unknown key 'groupsize' for format nf4"),
+    ("bad-group-size", "model: {source: M}\noutput: {dir: out}\nquantization: {default: {format: nf4, group_size: 100}}\n", "100 is not a bitsandbytes block size"),
+    ("unknown-format", "model: {source: M}\noutput: {dir: out}\nquantization: {default: nf5}\n", "unknown format 'nf5'"),
+    ("negative-threshold", "model: {source: M}\noutput: {dir: out}\nquantization: {default: {format: int8, threshold: -1}}\n", "threshold: Input should be greater than or equal to 0"),
+    ("duplicate-key", "model: {source: M}\noutput: {dir: out}\noutput: {dir: other}\n", "key 'output' appears twice"),
+    ("yaml-syntax", "model: {source: M\noutput: {dir: out}\n", "invalid YAML"),
+    ("bad-regex", "model: {source: M}\noutput: {dir: out}\nquantization: {rules: [{match: 're:(', format: int8}]}\n", "bad regular expression"),
+    ("calibrated-without-data", "model: {source: M}\noutput: {dir: out}\nquantization: {method: gptq}\n", "method gptq needs calibration data"),
+    ("unknown-method", "model: {source: M}\noutput: {dir: out}\nquantization: {method: magic}\n", "unknown method 'magic'; allowed: rtn, scale_search, gptq, awq, awq+gptq"),
+    ("rule-matches-nothing", "model: {source: M}\noutput: {dir: out}\nquantization: {rules: [{match: '*.attention.*', format: int8}]}\n", "matches no Linear layer of this model"),
+    ("rule-matches-embedding", "model: {source: M}\noutput: {dir: out}\nquantization: {rules: [{match: model.embed_tokens, format: int8}]}\n", "a Embedding, which cannot be quantized"),
+    ("group-does-not-fit", "model: {source: M}\noutput: {dir: out}\nquantization: {default: {format: nf4, group_size: 256}}\n", "group_size 256 does not divide its 128 inputs"),
+    ("keep-wider", "model: {source: M, dtype: bfloat16}\noutput: {dir: out}\nquantization: {default: fp32}\n", "format fp32 is wider than the model's dtype bf16"),
+    ("model-missing", "model: {source: ./no/such/model}\noutput: {dir: out}\n", "does not exist as a file or folder"),
+    ("model-not-gguf", "model: {source: notes.txt}\noutput: {dir: out}\n", "is a file but not a .gguf file"),
+    ("output-is-file", "model: {source: M}\noutput: {dir: notes.txt}\n", "is a file, not a folder"),
+    ("output-not-empty", "model: {source: M}\noutput: {dir: mine}\n", "is not empty; pass --overwrite"),
+    ("overwrite-foreign", "model: {source: M}\noutput: {dir: mine, overwrite: true}\n", "was not written by llmquant"),
+    ("eval-text-missing", "model: {source: M}\noutput: {dir: out}\neval: {text: {source: missing.txt}}\n", "is not a file, an asset or a dataset"),
+    ("eval-unknown-task", "model: {source: M}\noutput: {dir: out}\neval: {text: {source: notes.txt}, tasks: [botchan_clozee]}\n", "unknown lm-eval task 'botchan_clozee'"),
+    ("calib-range", "model: {source: M}\noutput: {dir: out}\nquantization: {method: gptq}\ncalibration: {text: {source: notes.txt, range: [0.7, 0.2]}}\n", "not a range of fractions"),
+    ("stride-without-sliding", "model: {source: M}\noutput: {dir: out}\neval: {text: {source: notes.txt}, stride: 8}\n", "stride goes with protocol: sliding"),
+    ("hub-repo", "model: {source: M}\noutput: {dir: out}\nhub: {repo: no-slash}\n", "'no-slash' is not a Hub repository id"),
+    ("bad-device", "model: {source: M}\ndevice: gpu\noutput: {dir: out}\n", "'gpu' is not a device"),
+    ("pickle-weights", "model: {source: PICKLE}\noutput: {dir: out}\n", "has only pickle weights (.bin)"),
+]
+BAD_ARGS = [
+    ("run-no-config", ["run"], "the following arguments are required: config"),
+    ("unknown-option", ["run", "r.yaml", "--fast"], "unrecognized arguments: --fast"),
+    ("eval-seqlen", ["eval", "M", "--output", "e", "--seqlen", "2"], "seqlen: Input should be greater than or equal to 8"),
+    ("push-no-repo", ["push", "out"], "the following arguments are required: --repo"),
+    ("compare-nothing", ["compare", "--output", "c"], "the following arguments are required: RESULTS"),
+    ("inspect-not-folder", ["inspect", "notes.txt"], "is not a folder"),
+]
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_dirs, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("some notes that are not a model " * 50)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("precious")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tiny_dirs("llama") / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    return tmp_path
+
+
+@pytest.mark.parametrize("text,expected", [(t, e) for _, t, e in BAD_RECIPES], ids=[i for i, _, _ in BAD_RECIPES])
+def test_bad_recipes(workdir, tiny_dirs, capsys, text, expected):
+    recipe = workdir / "r.yaml"
+    recipe.write_text(text.replace("source: M", f"source: {tiny_dirs('llama')}").replace("PICKLE", str(workdir / "pickled")))
+    before = snapshot(workdir)
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, err
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("argv,expected", [(a, e) for _, a, e in BAD_ARGS], ids=[i for i, _, _ in BAD_ARGS])
+def test_bad_command_lines(workdir, tiny_dirs, capsys, argv, expected):
+    argv = [str(tiny_dirs("llama")) if a == "M" else a for a in argv]
+    before = snapshot(workdir)
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert snapshot(workdir) == before
+
+
+def test_the_failure_table_is_large():
+    assert len(BAD_RECIPES) + len(BAD_ARGS) >= 20
+
+
+# ---- interrupted and killed runs ----------------------------------------------------------
+
+
+def test_killed_or_interrupted_runs_never_leave_a_partial_export(tiny_dirs, tmp_path):
+    out = tmp_path / "out"
+    export(tiny_dirs("llama"), out, {"default": "int8"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{source: {tiny_dirs('llama')}}}\ndevice: cpu\nquantization: {{default: nf4}}\noutput: {{dir: {out}}}\n")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "llmquant", "run", str(recipe), "--overwrite", "--quiet"]
+    seen_new = False
+    for i, delay in enumerate([1.0, 2.5, 4.0, 5.0, 6.0, 7.0, 8.0, 9.5]):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        sig = signal.SIGINT if i % 2 else signal.SIGKILL
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        visible = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+        assert visible == ["out", "r.yaml"], visible
+        ck = describe(out)
+        assert ck.problems == [], (delay, ck.problems)  # whichever export is there is whole and unchanged
+        method = json.loads((out / "config.json").read_text())["quantization_config"]
+        seen_new |= bool(method.get("load_in_4bit"))
+        if sig == signal.SIGINT and proc.returncode == 130:  # Ctrl-C: cleaned up on the way out
+            assert b"interrupted: nothing was written" in err
+            assert not [p for p in tmp_path.iterdir() if ".llmquant-tmp-" in p.name]
+    # a run that completes replaces the export and removes the temporaries killed runs left
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml"]
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["load_in_4bit"]
+
+
+# ---- damaged checkpoints ------------------------------------------------------------------
+
+
+def _damage(folder: Path, how: str) -> None:
+    w = folder / "model.safetensors"
+    if how == "flipped-byte":
+        data = bytearray(w.read_bytes())
+        data[len(data) // 2] ^= 0x55
+        w.write_bytes(bytes(data))
+    elif how == "truncated":
+        w.write_bytes(w.read_bytes()[:-1000])
+    elif how == "header-lies":
+        data = w.read_bytes()
+        n = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8 : 8 + n])
+        header["model.norm.weight"]["shape"] = [256]
+        h = json.dumps(header).encode()
+        w.write_bytes(struct.pack("<Q", len(h)) + h + data[8 + n :])
+    elif how in ("config-layers", "config-width"):
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update({"num_hidden_layers": 3} if how == "config-layers" else {"intermediate_size": 512})
+        (folder / "config.json").write_text(json.dumps(cfg))
+    elif how == "missing-shard":
+        sorted(folder.glob("model-*.safetensors"))[1].unlink()
+    elif how == "no-config":
+        (folder / "config.json").unlink()
+
+
+DAMAGE = [
+    ("flipped-byte", "model.safetensors differs from what llmquant wrote"),
+    ("truncated", "model.safetensors is damaged: Error while deserializing header"),
+    ("header-lies", "model.safetensors is damaged: Error while deserializing header"),
+    ("config-layers", "config.json describes tensors the weights do not have: model.layers.2."),
+    ("config-width", "config.json describes"),
+    ("missing-shard", "listed in model.safetensors.index.json is missing"),
+    ("no-config", "no config.json"),
+]
+
+
+@pytest.mark.parametrize("how,expected", DAMAGE, ids=[d for d, _ in DAMAGE])
+def test_damaged_checkpoints_are_reported_in_one_line(tiny_dirs, tmp_path, capsys, how, expected):
+    out = tmp_path / "out"
+    export(tiny_dirs("llama"), out, max_shard_size="300KB" if how == "missing-shard" else "5GB")
+    _damage(out, how)
+    code = main(["inspect", str(out)])
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert code in (1, 2) and expected in text and "Traceback" not in text, text
+    # loading it for evaluation stops with the same kind of one-line message
+    code = main(["eval", str(out), "--text", str(Path(__file__)), "--seqlen", "16", "--output", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: ") and not (tmp_path / "e").exists()
