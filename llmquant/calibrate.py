@@ -29,11 +29,13 @@ from tqdm.auto import tqdm
 
 from .algorithms import ALGORITHMS
 from .algorithms.awq import apply_scales, scaling_groups, search_scales
+from .algorithms.gptq import GPTQ, gptq_layers
 from .algorithms.scale_search import LayerStats
 from .errors import UserError
 from .plan import Plan, PlanEntry, quantizable
 from .quantize import install, layer_weight, quantize_layer
 from .quantized import QuantizedWeight
+from .schemes import Int8, Keep
 
 
 def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -68,6 +70,7 @@ class _Inputs:
 
     h: torch.Tensor | None = None
     abs_sum: torch.Tensor | None = None
+    abs_max: torch.Tensor | None = None
     tokens: int = 0
     sample: list[torch.Tensor] = field(default_factory=list)
     sampled: int = 0
@@ -78,10 +81,13 @@ class _Inputs:
         if self.h is None:
             self.h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
             self.abs_sum = torch.zeros(x.shape[1], device=x.device)
+            self.abs_max = torch.zeros(x.shape[1], device=x.device)
         self.h.addmm_(x.t(), x)
         self.tokens += len(x)
         if keep_tokens:
-            self.abs_sum += x.abs().sum(0)
+            ax = x.abs()
+            self.abs_sum += ax.sum(0)
+            torch.maximum(self.abs_max, ax.amax(0), out=self.abs_max)
         if self.sampled < keep_tokens:
             take = x[: keep_tokens - self.sampled]
             self.sample.append(take.clone())
@@ -228,6 +234,21 @@ class SequentialCalibrator:
         self.seconds = time.perf_counter() - t_start
         return self.chosen
 
+    def _batches(self, group: list[str], stats: dict) -> list[list[str]]:
+        """Layers of one group quantized together: GPTQ layers with the same format and the same inputs."""
+        out: list[list[str]] = []
+        keys: dict = {}
+        for n in group:
+            key = _batch_key(self.entries[n])
+            if key is not None and n in stats:
+                key = (key, id(stats[n]))
+                if key in keys:
+                    out[keys[key]].append(n)
+                    continue
+                keys[key] = len(out)
+            out.append([n])
+        return out
+
     def _layer(self, layer: nn.Module, prefix: str, inputs: list[torch.Tensor]) -> dict:
         names = [f"{prefix}.{n}" for n, m in layer.named_modules() if n and f"{prefix}.{n}" in self.entries]
         awq = any(ALGORITHMS[self.entries[n].method].scales_inputs for n in names)
@@ -238,7 +259,7 @@ class SequentialCalibrator:
         report = {"layer": prefix, "scaled": []}
 
         # activation-aware scaling, on the float layer's statistics
-        for sg in scaling_groups(layer, prefix):
+        for sg in scaling_groups(layer, prefix, self.model.config):
             if not any(ALGORITHMS[self.entries[t].method].scales_inputs for t in sg.targets if t in self.entries):
                 continue
             st = stats.get(sg.targets[0])
@@ -248,33 +269,41 @@ class SequentialCalibrator:
             weights = [layer_weight(self.model.get_submodule(t)).detach().float() for t in sg.targets]
             schemes = [e.scheme if e is not None else None for e in entries]
             sample = torch.cat(st.sample) if st.sample else None
-            s, alpha, ratio = search_scales(weights, schemes, st.hessian, st.abs_mean, sample, self.spec.awq.grid)
+            int8 = any(isinstance(sc, Int8) for sc in schemes)  # activation maxima matter for LLM.int8
+            s, alpha, ratio = search_scales(weights, schemes, st.hessian, st.abs_mean, sample, self.spec.awq.grid,
+                                            st.abs_max if int8 else None, sg.expand)
             if alpha > 0:
                 apply_scales(self.model, sg, s)
-                st.h = st.h / (s.unsqueeze(0) * s.unsqueeze(1))
-                st.abs_sum = st.abs_sum / s
-                st.sample = [x / s for x in st.sample]
+                rs = s if sg.expand is None else s[sg.expand.to(s.device)]
+                st.h = st.h / (rs.unsqueeze(0) * rs.unsqueeze(1))
+                st.abs_sum, st.abs_max = st.abs_sum / rs, st.abs_max / rs
+                st.sample = [x / rs for x in st.sample]
             report["scaled"].append({"after": sg.prev.removeprefix(prefix + "."), "alpha": alpha, "loss_ratio": ratio})
 
         options = {**self.spec.gptq.model_dump(), **self.spec.scale_search.model_dump()}
         for gi, group in enumerate(groups):
             if self.spec.true_sequential and gi > 0 and any(ALGORITHMS[self.entries[n].method].calibrated for n in group):
                 stats.update(self._measure(layer, inputs, group, stop_early=True)[0])  # as the quantized layers before give them
-            for name in group:
-                e, st = self.entries[name], stats.get(name)
-                module = self.model.get_submodule(name)
+            for batch in self._batches(group, stats):
+                e, st = self.entries[batch[0]], stats.get(batch[0])
+                modules = [self.model.get_submodule(n) for n in batch]
                 if not ALGORITHMS[e.method].calibrated:
-                    qw = quantize_layer(module, e, self.plan.model_dtype)
+                    qws = [quantize_layer(modules[0], e, self.plan.model_dtype)]
                 elif st is None:  # the forward never called it: no statistics
-                    self.log(f"{name}: no calibration inputs reached it, quantized with rtn")
-                    qw = ALGORITHMS["rtn"].quantize(layer_weight(module).detach(), e.scheme, self.plan.model_dtype)
+                    self.log(f"{batch[0]}: no calibration inputs reached it, quantized with rtn")
+                    qws = [ALGORITHMS["rtn"].quantize(layer_weight(modules[0]).detach(), e.scheme, self.plan.model_dtype)]
                 else:
-                    ls = LayerStats(st.hessian, st.tokens, options)
-                    w = layer_weight(module).detach().float()
-                    qw = quantize_layer(module, e, self.plan.model_dtype, ls)
-                    report.setdefault("linear_rel_error", {})[name.removeprefix(prefix + ".")] = _rel_error(w, qw, ls.hessian)
-                install(self.model, e, qw, self.plan.model_dtype)
-                self.chosen[name] = qw
+                    ws = [layer_weight(m).detach().float() for m in modules]
+                    if len(batch) > 1:  # GPTQ on the stacked rows of layers sharing this input
+                        opts = {k: options[k] for k in ("damp", "act_order", "grid", "min_ratio")}
+                        qws = gptq_layers(ws, st.hessian, e.scheme, self.plan.model_dtype, **opts)
+                    else:
+                        qws = [quantize_layer(modules[0], e, self.plan.model_dtype, LayerStats(st.hessian, st.tokens, options))]
+                    for n, w, qw in zip(batch, ws, qws):
+                        report.setdefault("linear_rel_error", {})[n.removeprefix(prefix + ".")] = _rel_error(w, qw, st.hessian)
+                for n, qw in zip(batch, qws):
+                    install(self.model, self.entries[n], qw, self.plan.model_dtype)
+                    self.chosen[n] = qw
 
         quant_out = self._run_layer(layer, inputs)
         num = sum(((q.float() - f.float()) ** 2).sum() for q, f in zip(quant_out, float_out))
@@ -282,6 +311,10 @@ class SequentialCalibrator:
         report["layer_rel_error"] = (num / den).sqrt().item()
         report["_outputs"] = quant_out
         return report
+
+
+def _batch_key(e: PlanEntry):
+    return (e.method, e.scheme) if isinstance(ALGORITHMS[e.method], GPTQ) and not isinstance(e.scheme, Keep) else None
 
 
 def _to(obj, device):

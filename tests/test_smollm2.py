@@ -139,3 +139,54 @@ def test_bad_recipe_on_real_model_fails_before_writing(smollm2_dir, tmp_path, ca
     assert main(["run", str(bad)]) == 2
     assert "group_size 128 does not divide its 576 inputs; block sizes that fit it: 32, 64" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_calibrated_nf4_export_beats_rtn_and_loads_in_plain_transformers(smollm2_dir, tmp_path):
+    """GPTQ onto NF4 (stock block size, so a stock bitsandbytes checkpoint), on small token counts."""
+    import os
+    import subprocess
+    import sys
+
+    from llmquant.assets import asset_path
+
+    def recipe(method, out):
+        return Recipe.from_dict({
+            "model": {"source": str(smollm2_dir)}, "device": "cpu",
+            "quantization": {"default": {"format": "nf4"}, "method": method},
+            "calibration": {"text": {"source": "asset:botchan", "range": [0.0, 0.6]}, "nsamples": 16, "seqlen": 256},
+            "eval": {"text": {"source": "asset:botchan", "range": [0.6, 1.0]}, "seqlen": 512, "max_tokens": 2048,
+                     "divergence_tokens": 1024},
+            "output": {"dir": str(out)},
+        })
+
+    rtn = run(recipe("rtn", tmp_path / "rtn"), console=Console(file=io.StringIO()), progress=False).results
+    gptq = run(recipe("gptq", tmp_path / "gptq"), console=Console(file=io.StringIO()), progress=False).results
+    p_rtn, p_gptq = (r["models"]["quantized"]["perplexity"] for r in (rtn, gptq))
+    assert p_gptq < 0.95 * p_rtn, (p_gptq, p_rtn)
+    assert gptq["models"]["quantized"]["kl_divergence"]["mean"] < 0.8 * rtn["models"]["quantized"]["kl_divergence"]["mean"]
+    assert json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+    # plain transformers, llmquant not importable: the same perplexity on the same windows
+    ids = torch.tensor(gptq["protocol"]["perplexity"]["tokens_used"])
+    code = f"""
+import sys, math, importlib.abc
+class NoLlmquant(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] == 'llmquant': raise ImportError('llmquant is not installed')
+sys.meta_path.insert(0, NoLlmquant())
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained({str(tmp_path / 'gptq')!r})
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'gptq')!r}).eval()
+text = open({str(asset_path("botchan"))!r}, encoding='utf-8').read()
+ids = tok(text[int(len(text) * 0.6):], return_tensors='pt').input_ids[0][:{int(ids)}]
+nll = 0.0
+with torch.no_grad():
+    for i in range(len(ids) // 512):
+        x = ids[i * 512:(i + 1) * 512].unsqueeze(0)
+        nll += m(x, labels=x).loss.double().item()
+print('PPL', math.exp(nll / (len(ids) // 512)))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stock_ppl = float(proc.stdout.split("PPL")[1])
+    assert stock_ppl == pytest.approx(p_gptq, rel=1e-4)

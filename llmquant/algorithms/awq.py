@@ -16,9 +16,10 @@ The search objective is the layers' output error under the real format:
   matters because it flattens the activations that get quantized.
 
 Which norm or Linear precedes which layers is a table of name patterns (Llama, Qwen2,
-Mistral and other Llama-style decoders; OPT); a pair whose shapes do not fit (a v_proj
-narrower than o_proj with grouped-query attention) or whose norm is not a plain
-``weight * x`` (Gemma's ``1 + weight``) is skipped.
+Mistral and other Llama-style decoders; OPT). With grouped-query attention, o_proj's input
+repeats each v_proj output channel once per query head sharing it, so one scale per v_proj
+channel is folded into all the o_proj columns that read it. A pair whose shapes still do
+not fit, or whose norm is not a plain ``weight * x`` (Gemma's ``1 + weight``), is skipped.
 """
 
 from __future__ import annotations
@@ -48,6 +49,23 @@ SCALING_PAIRS = [
 class ScalingGroup:
     prev: str  # full name of the module producing the shared input
     targets: list[str]  # full names of the Linear layers reading it
+    # Grouped-query attention: target input channel -> producer output channel (o_proj's
+    # inputs repeat each v_proj output once per query head sharing its key/value head).
+    expand: torch.Tensor | None = None
+
+
+def _gqa_map(config, v_out: int, o_in: int) -> torch.Tensor | None:
+    """o_proj input channel -> v_proj output channel, when attention repeats key/value heads."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    if not heads or not kv or heads % kv:
+        return None
+    head_dim = getattr(cfg, "head_dim", None) or o_in // heads
+    if heads * head_dim != o_in or kv * head_dim != v_out:
+        return None
+    j = torch.arange(o_in)
+    return (j // head_dim) // (heads // kv) * head_dim + j % head_dim
 
 
 def _plain_norm(m: nn.Module, width: int) -> bool:
@@ -58,7 +76,7 @@ def _plain_norm(m: nn.Module, width: int) -> bool:
     )
 
 
-def scaling_groups(layer: nn.Module, prefix: str) -> list[ScalingGroup]:
+def scaling_groups(layer: nn.Module, prefix: str, config=None) -> list[ScalingGroup]:
     """The (producer, readers) pairs of this decoder layer that can take folded scales."""
     out = []
     names = dict(layer.named_modules())
@@ -72,9 +90,14 @@ def scaling_groups(layer: nn.Module, prefix: str) -> list[ScalingGroup]:
         if any(r.in_features != width for r in readers):
             continue
         p = names[prev]
-        ok = (type(p) is nn.Linear and p.out_features == width) or _plain_norm(p, width)
+        expand = None
+        if type(p) is nn.Linear and p.out_features != width and prev.endswith("v_proj") and config is not None:
+            expand = _gqa_map(config, p.out_features, width)
+            ok = expand is not None
+        else:
+            ok = (type(p) is nn.Linear and p.out_features == width) or _plain_norm(p, width)
         if ok:
-            out.append(ScalingGroup(f"{prefix}.{prev}", [f"{prefix}.{t}" for t in targets]))
+            out.append(ScalingGroup(f"{prefix}.{prev}", [f"{prefix}.{t}" for t in targets], expand))
     return out
 
 
@@ -116,30 +139,52 @@ def _loss(w: torch.Tensor, scheme, s: torch.Tensor, h: torch.Tensor, x_sample: t
     return torch.zeros((), device=w.device)  # kept in float: not affected by the scaling
 
 
+def _reduce(stat: torch.Tensor, expand: torch.Tensor | None, op: str) -> torch.Tensor:
+    """Per-channel statistics of the readers' inputs, folded onto the producer's output channels."""
+    if expand is None:
+        return stat
+    n = int(expand.max()) + 1
+    if op == "max":
+        return torch.zeros(n, device=stat.device).scatter_reduce(0, expand.to(stat.device), stat, "amax", include_self=False)
+    return torch.zeros(n, device=stat.device).index_add(0, expand.to(stat.device), stat) / torch.bincount(expand, minlength=n).to(stat.device)
+
+
 def search_scales(weights: list[torch.Tensor], schemes: list, h: torch.Tensor, x_abs_mean: torch.Tensor,
-                  x_sample: torch.Tensor | None, grid: int = 20) -> tuple[torch.Tensor, float, float]:
-    """Best ``s = mean|x|^α`` for layers reading one input; returns (s, α, loss ratio to no scaling)."""
-    base = x_abs_mean.float().clamp_min(1e-5)
-    best_s, best_alpha, best_loss, first = torch.ones_like(base), 0.0, float("inf"), None
-    for alpha in torch.linspace(0, 1, grid + 1).tolist():
-        s = base.pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()
-        loss = sum(_loss(w, sc, s, h, x_sample) for w, sc in zip(weights, schemes)).item()
-        if first is None:
-            first = loss  # alpha = 0: no scaling
-        if loss < best_loss:
-            best_s, best_alpha, best_loss = s, alpha, loss
-    if best_alpha == 0.0:
-        best_s = torch.ones_like(base)
+                  x_sample: torch.Tensor | None, grid: int = 20, x_abs_max: torch.Tensor | None = None,
+                  expand: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
+    """The best input scales for layers reading one activation; returns (scales of the producer's
+    output channels, α, loss ratio to no scaling).
+
+    Candidates: AWQ's ``s = mean|x|^α``, and, when ``x_abs_max`` is given, SmoothQuant's
+    ``s = max|x|^α / max|w|^(1-α)`` (per-token int8 activations are set by their maxima);
+    α = 0 (no scaling) is always among them.
+    """
+    families = [("mean", _reduce(x_abs_mean.float(), expand, "mean").clamp_min(1e-5), None)]
+    if x_abs_max is not None:
+        w_max = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+        families.append(("max", _reduce(x_abs_max.float(), expand, "max").clamp_min(1e-5), _reduce(w_max, expand, "max").clamp_min(1e-5)))
+    ones = torch.ones_like(families[0][1])
+    first = sum(_loss(w, sc, ones if expand is None else ones[expand], h, x_sample) for w, sc in zip(weights, schemes)).item()
+    best_s, best_alpha, best_loss = ones, 0.0, first
+    for _, xs, ws in families:
+        for alpha in torch.linspace(0, 1, grid + 1)[1:].tolist():
+            s = xs.pow(alpha) if ws is None else xs.pow(alpha) / ws.pow(1 - alpha)
+            s = s / (s.max() * s.min()).sqrt()
+            full = s if expand is None else s[expand]
+            loss = sum(_loss(w, sc, full, h, x_sample) for w, sc in zip(weights, schemes)).item()
+            if loss < best_loss:
+                best_s, best_alpha, best_loss = s, alpha, loss
     return best_s, best_alpha, (best_loss / first if first else 1.0)
 
 
 @torch.no_grad()
 def apply_scales(model: nn.Module, group: ScalingGroup, s: torch.Tensor) -> None:
-    """Divide the producer's output by ``s`` and multiply the readers' input columns by it (float model unchanged)."""
+    """Divide the producer's output channels by ``s`` and multiply the readers' matching input columns by it
+    (the float model is unchanged)."""
     prev = model.get_submodule(group.prev)
     dt = prev.weight.dtype
     s = s.to(prev.weight.device, torch.float32)
+    reader_s = s if group.expand is None else s[group.expand.to(s.device)]
     if type(prev) is nn.Linear:
         prev.weight.data = (prev.weight.float() / s.unsqueeze(1)).to(dt)
     else:
@@ -148,7 +193,7 @@ def apply_scales(model: nn.Module, group: ScalingGroup, s: torch.Tensor) -> None
         prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
     for name in group.targets:
         t = model.get_submodule(name)
-        t.weight.data = (t.weight.float() * s.to(t.weight.device).unsqueeze(0)).to(t.weight.dtype)
+        t.weight.data = (t.weight.float() * reader_s.to(t.weight.device).unsqueeze(0)).to(t.weight.dtype)
 
 
 # ---- the methods: scaling first, then each layer's own quantizer --------------------------

@@ -26,7 +26,12 @@ from .scale_search import LayerStats, stored_scales
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: float = 0.01, act_order: bool = True,
-         grid: int = 20, min_ratio: float = 0.5) -> QuantizedWeight:
+         grid: int = 20, min_ratio: float = 0.5, scales: torch.Tensor | None = None) -> QuantizedWeight:
+    """GPTQ of one weight ``[out, in]`` on inputs with Hessian ``h``.
+
+    ``scales`` (4-bit only): the block scales to use, as stored (``[out, in / group]``), chosen
+    beforehand; by default they are searched (static) or chosen on entering each block (dynamic).
+    """
     w = w.detach().float().clone()
     h = h.float().clone()
     out_f, n = w.shape
@@ -36,11 +41,13 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: flo
 
     fourbit = isinstance(scheme, FourBit)
     g = scheme.group_size if fourbit else n
-    static = act_order or (fourbit and scheme.double_quant) or not fourbit
+    static = act_order or (fourbit and scheme.double_quant) or not fourbit or scales is not None
     nested = None
     if fourbit:
         cb = codebook(scheme.format, w.device)
-        if static:
+        if scales is not None:
+            scales = scales.float().to(w.device)
+        elif static:
             eff, nested = stored_scales(search_block_scales(w, h, g, scheme.format, grid, min_ratio), scheme)
             scales = eff.view(out_f, -1)
         else:
@@ -93,6 +100,31 @@ def _block_scale(blk: torch.Tensor, hb: torch.Tensor, cb: torch.Tensor, grid: in
         better = err < best_err
         best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
     return best
+
+
+def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: torch.dtype, **opts) -> list[QuantizedWeight]:
+    """GPTQ of several layers reading the same input (same ``h``), in one pass over their stacked rows.
+
+    GPTQ treats rows independently given ``h``, so this equals quantizing each layer alone; with
+    double quantization each layer's scales are still chosen and stored per layer.
+    """
+    if len(weights) == 1:
+        return [gptq(weights[0], h, scheme, dtype, **opts)]
+    rows = [w.shape[0] for w in weights]
+    stacked = torch.cat([w.detach().float() for w in weights])
+    if isinstance(scheme, FourBit) and scheme.double_quant:
+        per = [stored_scales(search_block_scales(w.detach().float(), h, scheme.group_size, scheme.format,
+                                                 opts.get("grid", 20), opts.get("min_ratio", 0.5)), scheme) for w in weights]
+        scales = torch.cat([eff.view(r, -1) for (eff, _), r in zip(per, rows)])
+        q = gptq(stacked, h, scheme, dtype, scales=scales, **opts)
+        codes = q.codes.split(rows)
+        return [FourBitWeight(c, eff, scheme.format, scheme.group_size, dtype, nested) for c, (eff, nested) in zip(codes, per)]
+    q = gptq(stacked, h, scheme, dtype, **opts)
+    if isinstance(q, FourBitWeight):
+        nb = q.codes.shape[1] // q.group_size
+        return [FourBitWeight(c, s.reshape(-1).contiguous(), q.quant_type, q.group_size, dtype)
+                for c, s in zip(q.codes.split(rows), q.scales.view(-1, nb).split(rows))]
+    return [Int8Weight(c, s.contiguous(), q.threshold) for c, s in zip(q.codes.split(rows), q.scb.split(rows))]
 
 
 @register("gptq")

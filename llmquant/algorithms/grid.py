@@ -66,19 +66,32 @@ def search_block_scales(w: torch.Tensor, h: torch.Tensor | None, group: int, qua
     blocks = w.float().reshape(out_f, in_f // group, group)
     absmax = blocks.abs().amax(-1)
     hb = diagonal_blocks(h.float(), group) if h is not None else None  # [nb, g, g]
-    best, best_err = absmax.clone(), torch.full_like(absmax, float("inf"))
-    for r in torch.linspace(1.0, min_ratio, grid, device=w.device):
-        s = absmax * r
-        _, q = round_4bit(blocks, s, cb)
-        e = blocks - q  # [out, nb, g]
+
+    def error(ratio: torch.Tensor) -> torch.Tensor:  # ratio: [out, nb] (or broadcastable)
+        e = blocks - round_4bit(blocks, absmax * ratio, cb)[1]  # [out, nb, g]
         if hb is None:
-            err = (e * e).sum(-1)
-        else:
-            et = e.transpose(0, 1)  # [nb, out, g]
-            err = (torch.bmm(et, hb) * et).sum(-1).t()
+            return (e * e).sum(-1)
+        et = e.transpose(0, 1)  # [nb, out, g]
+        return (torch.bmm(et, hb) * et).sum(-1).t()
+
+    # A coarse grid over [min_ratio, 1], then each block refines around its own best ratio:
+    # fewer evaluations than a uniform grid of `grid` steps (14 instead of 20), at a finer resolution.
+    coarse = max(2, grid // 2)
+    step = (1.0 - min_ratio) / (coarse - 1)
+    best_r = torch.ones_like(absmax)
+    best_err = error(best_r)  # absmax first: only strictly better scales replace it
+    for r in torch.linspace(1.0, min_ratio, coarse, device=w.device)[1:]:
+        err = error(r)
         better = err < best_err
-        best_err, best = torch.where(better, err, best_err), torch.where(better, s, best)
-    return best
+        best_err, best_r = torch.where(better, err, best_err), torch.where(better, r, best_r)
+    while step > (1.0 - min_ratio) / max(grid - 1, 1):
+        step /= 2
+        for d in (-step, step):
+            cand = (best_r + d).clamp(min_ratio, 1.0)
+            err = error(cand)
+            better = err < best_err
+            best_err, best_r = torch.where(better, err, best_err), torch.where(better, cand, best_r)
+    return absmax * best_r
 
 
 def search_row_scales(w: torch.Tensor, h: torch.Tensor | None, grid: int = 20, min_ratio: float = 0.8) -> torch.Tensor:

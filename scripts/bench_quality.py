@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Quality of 4-bit and 8-bit weights, every method in one run on the same model, data and protocol.
+
+Rows: the float model; stock bitsandbytes NF4 and LLM.int8 (transformers quantizing on load);
+llmquant's methods (rtn, scale_search, gptq, awq, awq+gptq) in NF4 and INT8; and, when they are
+installed, HQQ (4-bit, group 64, zero points) and llm-compressor's GPTQ (INT4 symmetric,
+group 64) on the same calibration windows. For each: perplexity on the held-out text
+(non-overlapping windows), KL divergence and top-1 agreement with the float model, bits per
+weight of the Linear layers but the head, and the time the quantization took.
+
+    python scripts/bench_quality.py                  # SmolLM2, held-out last 40% of the demo text
+    python scripts/bench_quality.py --rows fp32 bnb-nf4 gptq-nf4 --json runs/q.json
+    python scripts/bench_quality.py --model org/name --dtype bfloat16 --device cuda --nsamples 128 --seqlen 2048
+
+Calibration uses random windows (fixed seed) of the first 60% of the text, evaluation
+the last 40%: they never overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROWS = {
+    # name: (kind, format for llmquant / options)
+    "fp32": ("float", None),
+    "bnb-int8": ("bnb", "8bit"),
+    "bnb-nf4": ("bnb", "nf4"),
+    "rtn-int8": ("llmquant", {"default": {"format": "int8"}, "method": "rtn"}),
+    "scale_search-int8": ("llmquant", {"default": {"format": "int8"}, "method": "scale_search"}),
+    "gptq-int8": ("llmquant", {"default": {"format": "int8"}, "method": "gptq"}),
+    "awq-int8": ("llmquant", {"default": {"format": "int8"}, "method": "awq"}),
+    "awq+gptq-int8": ("llmquant", {"default": {"format": "int8"}, "method": "awq+gptq"}),
+    "rtn-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "rtn"}),
+    "scale_search-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "scale_search"}),
+    "gptq-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq"}),
+    "awq-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "awq"}),
+    "awq+gptq-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "awq+gptq"}),
+    "gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "gptq"}),
+    "awq+gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "awq+gptq"}),
+    "hqq-4bit-g64": ("hqq", None),
+    "llmcompressor-gptq-w4g64": ("llmcompressor", None),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="asset:smollm2-135m-instruct")
+    ap.add_argument("--text", default="asset:botchan")
+    ap.add_argument("--split", type=float, default=0.6, help="calibration uses [0, split) of the text, evaluation [split, 1)")
+    ap.add_argument("--seqlen", type=int, default=512, help="evaluation and calibration window length")
+    ap.add_argument("--nsamples", type=int, default=64, help="calibration windows")
+    ap.add_argument("--eval-tokens", type=int, default=None, help="evaluate only the first N held-out tokens")
+    ap.add_argument("--kl-tokens", type=int, default=8192)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
+    ap.add_argument("--json", help="also write the table as JSON here")
+    args = ap.parse_args()
+
+    from llmquant.calibrate import calibration_windows
+    from llmquant.data import TextSpec, load_text
+    from llmquant.evaluate import linear_size
+    from llmquant.evaluate.perplexity import LogprobStore, evaluate, make_windows, tokenize
+    from llmquant.models import load_model, pick_device, resolve_source
+    from llmquant.recipe import CalibrationSpec
+
+    device = pick_device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="llmquant-bench-"))
+    model, tok = load_model(resolve_source(args.model), args.dtype, str(device))
+    float_dir = work / "float"  # a safetensors copy: every row starts from the same weights, fast
+    model.save_pretrained(float_dir)
+    tok.save_pretrained(float_dir)
+    del model
+    src = resolve_source(str(float_dir))
+
+    held = load_text(TextSpec(source=args.text, range=(args.split, 1.0)))
+    calib = load_text(TextSpec(source=args.text, range=(0.0, args.split)))
+    ids, _ = tokenize(tok, held.text, args.eval_tokens)
+    windows = make_windows(len(ids), args.seqlen, "windows")
+    targets = sum(w.n_targets for w in windows)
+    cwin = calibration_windows(tok, calib.text, args.nsamples, args.seqlen, 0)
+    spec = CalibrationSpec.model_validate({"text": {"source": args.text}, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                                           "true_sequential": False})
+    print(f"model {args.model} ({args.dtype}, {device}); evaluation: {len(windows)} windows of {args.seqlen} tokens "
+          f"({targets} scored) from [{args.split}, 1) of {args.text}; calibration: {args.nsamples} windows of "
+          f"{args.seqlen} from [0, {args.split})", flush=True)
+
+    ref = None  # the float model's log-probabilities, written by the fp32 row (KL for the others)
+    rows_out = []
+    base_ppl = None
+    for name in args.rows:
+        kind, opt = ROWS[name]
+        gc.collect()
+        t0 = time.perf_counter()
+        try:
+            m = _make(kind, opt, src, args, device, cwin, spec, tok)
+        except ImportError as e:
+            print(f"{name:26s} skipped ({e})", flush=True)
+            continue
+        seconds = time.perf_counter() - t0
+        if kind == "float":
+            vocab = m.get_output_embeddings().out_features
+            ref = LogprobStore(work / "ref.npy", min(args.kl_tokens, targets), vocab, "w+")
+            r = evaluate(m, ids, windows, 1 if device.type == "cpu" else 8, write_logprobs=ref, progress=False)
+            base_ppl = r.perplexity
+        else:
+            r = evaluate(m, ids, windows, 1 if device.type == "cpu" else 8, reference=ref, progress=False)
+        bits = _bits(kind, m, linear_size)
+        d = r.divergence or {}
+        row = {"row": name, "perplexity": r.perplexity, "vs_float": r.perplexity / base_ppl - 1 if base_ppl else None,
+               "kl_mean": d.get("kl_divergence", {}).get("mean"), "top1": d.get("top1_agreement"),
+               "bits_per_weight": bits, "quantize_seconds": seconds if kind != "float" else None}
+        rows_out.append(row)
+        print(_fmt(row), flush=True)
+        del m
+
+    print("\n| row | perplexity | vs float | KL (mean) | top-1 | bits/weight (Linear but head) | quantize time |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows_out:
+        print("| " + " | ".join(_cells(row)) + " |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows_out}, indent=2))
+
+
+def _make(kind, opt, src, args, device, cwin, spec, tok):
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.calibrate import SequentialCalibrator, needs_calibration
+    from llmquant.models import load_model
+    from llmquant.plan import build_plan
+    from llmquant.quantize import quantize_model
+    from llmquant.recipe import Quantization
+
+    dtype = getattr(torch, args.dtype)
+    if kind == "float":
+        return load_model(src, args.dtype, str(device))[0]
+    if kind == "llmquant":
+        m, _ = load_model(src, args.dtype, str(device))
+        plan = build_plan(m, Quantization.model_validate(opt), m.dtype)
+        cal = SequentialCalibrator(m, plan, cwin, spec, device, progress=False, log=lambda *a: None) if needs_calibration(plan) else None
+        quantize_model(m, plan, progress=False, calibration=cal)
+        return m
+    if kind == "bnb":
+        from transformers import BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_8bit=True) if opt == "8bit" else BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=opt, bnb_4bit_compute_dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(src.location, quantization_config=q, dtype=dtype, device_map={"": str(device)}).eval()
+    if kind == "hqq":
+        import hqq  # noqa: F401  (ImportError: not installed)
+        from transformers import HqqConfig
+
+        return AutoModelForCausalLM.from_pretrained(src.location, quantization_config=HqqConfig(nbits=4, group_size=64),
+                                                    dtype=dtype, device_map={"": str(device)}).eval()
+    if kind == "llmcompressor":
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        m = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype).eval()
+        data = Dataset.from_dict({"input_ids": cwin.tolist(), "attention_mask": torch.ones_like(cwin).tolist()})
+        recipe = GPTQModifier(ignore=["lm_head"], config_groups={"group_0": {
+            "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}}})
+        oneshot(model=m, dataset=data, recipe=recipe, num_calibration_samples=len(cwin), max_seq_length=cwin.shape[1])
+        return m.to(device).eval()
+    raise ValueError(kind)
+
+
+def _bits(kind, m, linear_size) -> float:
+    if kind == "hqq":  # 4-bit codes, fp16 scale and zero point per group of 64
+        return 4 + 2 * 16 / 64
+    if kind == "llmcompressor":  # 4-bit codes, fp16 scale per group of 64 (symmetric: no zero point)
+        return 4 + 16 / 64
+    return linear_size(m)["linear_bits_per_weight"]
+
+
+def _cells(row) -> list[str]:
+    return [
+        row["row"], f"{row['perplexity']:.2f}", "" if row["vs_float"] is None or row["row"] == "fp32" else f"{row['vs_float']:+.1%}",
+        "" if row["kl_mean"] is None else f"{row['kl_mean']:.4f}", "" if row["top1"] is None else f"{row['top1']:.1%}",
+        f"{row['bits_per_weight']:.2f}", "" if row["quantize_seconds"] is None else f"{row['quantize_seconds']:.0f} s",
+    ]
+
+
+def _fmt(row) -> str:
+    c = _cells(row)
+    return f"{c[0]:26s} ppl {c[1]:>8s} {c[2]:>7s}  KL {c[3]:>7s}  top-1 {c[4]:>6s}  {c[5]:>5s} bpw  {c[6]}"
+
+
+if __name__ == "__main__":
+    main()

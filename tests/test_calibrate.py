@@ -1,0 +1,116 @@
+"""The layer-by-layer calibration on tiny models of every family."""
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from conftest import ARCHS, TEXT
+from llmquant.calibrate import calibration_windows, decoder_layers
+from llmquant.pipeline import run
+from llmquant.recipe import Recipe
+
+
+@pytest.fixture
+def texts(tmp_path):
+    f = tmp_path / "text.txt"
+    f.write_text(TEXT * 8)
+    return f
+
+
+def calibrated(model_dir, out, text, method, quant=None, eval_=False, **calib):
+    d = {
+        "model": {"source": str(model_dir)}, "device": "cpu",
+        "quantization": quant or {"default": "nf4", "method": method},
+        "calibration": {"text": {"source": str(text), "range": [0.0, 0.6]}, "nsamples": 6, "seqlen": 32, **calib},
+        "output": {"dir": str(out)},
+    }
+    if eval_:
+        d["eval"] = {"text": {"source": str(text), "range": [0.6, 1.0]}, "seqlen": 32, "divergence_tokens": 512}
+    return run(Recipe.from_dict(d), console=Console(file=io.StringIO()), progress=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq", "scale_search"])
+def test_every_family_calibrates_exports_and_reloads(tiny_dirs, tmp_path, texts, arch, method):
+    res = calibrated(tiny_dirs(arch), tmp_path / "out", texts, method)
+    assert res.check.max_abs_logit_diff == 0.0
+    cal = res.calibration
+    assert len(cal["layers"]) == 2 and cal["windows"] == [6, 32]
+    for layer in cal["layers"]:
+        assert 0 < layer["layer_rel_error"] < 1
+        assert all(0 < e < 1 for e in layer["linear_rel_error"].values())
+    meta = json.loads((tmp_path / "out" / "llmquant.json").read_text())
+    assert meta["calibration"]["layers"][0]["layer"].endswith(".0")
+    if method == "awq+gptq" and arch in ("llama", "qwen2", "mistral", "opt"):
+        assert cal["layers"][0]["scaled"], "no scaling pair found"
+
+
+def test_calibration_beats_rtn_on_held_out_text(tiny_dirs, tmp_path, texts, monkeypatch):
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    rtn = calibrated(tiny_dirs("llama"), tmp_path / "rtn", texts, "rtn", eval_=True, nsamples=16)
+    gptq = calibrated(tiny_dirs("llama"), tmp_path / "gptq", texts, "gptq", eval_=True, nsamples=16)
+    kl = lambda r: r.results["models"]["quantized"]["kl_divergence"]["mean"]  # noqa: E731
+    assert kl(gptq) < 0.8 * kl(rtn)
+
+
+def test_awq_scales_are_folded_into_the_model(tiny_dirs, tmp_path, texts):
+    res = calibrated(tiny_dirs("llama"), tmp_path / "out", texts, "awq")
+    pairs = {s["after"]: s for s in res.calibration["layers"][0]["scaled"]}
+    # every pair, v_proj -> o_proj included although grouped-query attention makes them different widths
+    assert {"input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"} == set(pairs)
+    assert any(s["alpha"] > 0 for s in pairs.values())
+    assert all(s["loss_ratio"] <= 1.0 for s in pairs.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "opt"])
+def test_folding_scales_into_every_pair_leaves_the_float_model_unchanged(arch):
+    from conftest import build_tiny
+    from llmquant.algorithms.awq import apply_scales, scaling_groups
+
+    model = build_tiny(arch)
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids).logits
+    name, layers = decoder_layers(model)
+    groups = [g for i, layer in enumerate(layers) for g in scaling_groups(layer, f"{name}.{i}", model.config)]
+    assert len(groups) == 2 * (4 if arch != "opt" else 3)
+    if arch in ("llama", "mistral"):  # grouped-query attention: v_proj narrower than o_proj
+        assert any(g.expand is not None for g in groups)
+    for g in groups:
+        width = model.get_submodule(g.prev).weight.shape[0]
+        apply_scales(model, g, torch.rand(width, generator=torch.Generator().manual_seed(len(g.prev))) * 3 + 0.2)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(after, before, atol=1e-4), (after - before).abs().max()
+
+
+def test_overlapping_calibration_and_evaluation_text_warns(tiny_dirs, tmp_path, texts, capsys, monkeypatch):
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    d = {"model": {"source": str(tiny_dirs("llama"))}, "device": "cpu", "quantization": {"method": "gptq"},
+         "calibration": {"text": {"source": str(texts), "range": [0.0, 0.7]}, "nsamples": 4, "seqlen": 32},
+         "eval": {"text": {"source": str(texts), "range": [0.6, 1.0]}, "seqlen": 32, "divergence": False},
+         "output": {"dir": str(tmp_path / "out")}}
+    run(Recipe.from_dict(d), console=Console(file=io.StringIO()), progress=False)
+    assert "calibration text overlaps the evaluation text" in capsys.readouterr().err
+
+
+def test_calibration_windows_are_seeded_random_windows(tiny_dirs):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs("llama"))
+    a = calibration_windows(tok, TEXT * 8, 5, 16, seed=0)
+    assert a.shape == (5, 16) and torch.equal(a, calibration_windows(tok, TEXT * 8, 5, 16, seed=0))
+    assert not torch.equal(a, calibration_windows(tok, TEXT * 8, 5, 16, seed=1))
+    with pytest.raises(Exception, match="not enough for windows"):
+        calibration_windows(tok, "short", 2, 64, 0)
+
+
+def test_decoder_layers_are_found_in_every_family():
+    from conftest import build_tiny
+
+    for arch in ARCHS:
+        name, layers = decoder_layers(build_tiny(arch))
+        assert len(layers) == 2, arch
