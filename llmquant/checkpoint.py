@@ -10,12 +10,12 @@ config.json, 4-bit scales in bitsandbytes' CPU layout (the save_pretrained defec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .assets import sha256_file
 from .errors import UserError
 
 MARKER = "llmquant.json"
@@ -73,14 +73,6 @@ def _read_json(path: Path, what: str) -> dict:
         raise UserError(f"{path.parent}: no {path.name} ({what})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_digests(folder: Path) -> dict[str, dict]:

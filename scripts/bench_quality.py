@@ -33,6 +33,7 @@ ROWS = {
     "bnb-int8": ("bnb", "8bit"),
     "bnb-nf4": ("bnb", "nf4"),
     "rtn-int8": ("llmquant", {"default": {"format": "int8"}, "method": "rtn"}),
+    "rtn-int8-t1": ("llmquant", {"default": {"format": "int8", "threshold": 1.0}, "method": "rtn"}),
     "scale_search-int8": ("llmquant", {"default": {"format": "int8"}, "method": "scale_search"}),
     "gptq-int8": ("llmquant", {"default": {"format": "int8"}, "method": "gptq"}),
     "awq-int8": ("llmquant", {"default": {"format": "int8"}, "method": "awq"}),
@@ -154,12 +155,16 @@ def _make(kind, opt, src, args, device, cwin, spec, tok):
         q = BitsAndBytesConfig(load_in_8bit=True) if opt == "8bit" else BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=opt, bnb_4bit_compute_dtype=dtype)
         return AutoModelForCausalLM.from_pretrained(src.location, quantization_config=q, dtype=dtype, device_map={"": str(device)}).eval()
-    if kind == "hqq":
-        import hqq  # noqa: F401  (ImportError: not installed)
-        from transformers import HqqConfig
+    if kind == "hqq":  # HQQ's own layers (transformers' HqqConfig refuses CPU placement)
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
-        return AutoModelForCausalLM.from_pretrained(src.location, quantization_config=HqqConfig(nbits=4, group_size=64),
-                                                    dtype=dtype, device_map={"": str(device)}).eval()
+        m, _ = load_model(src, args.dtype, str(device))
+        cfg = BaseQuantizeConfig(nbits=4, group_size=64)
+        for name, mod in list(m.named_modules()):
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                parent, _, leaf = name.rpartition(".")
+                setattr(m.get_submodule(parent), leaf, HQQLinear(mod, cfg, compute_dtype=dtype, device=str(device)))
+        return m
     if kind == "llmcompressor":
         from datasets import Dataset
         from llmcompressor import oneshot

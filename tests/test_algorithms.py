@@ -7,7 +7,7 @@ import bitsandbytes.functional as F
 from llmquant.algorithms import ALGORITHMS
 from llmquant.algorithms.awq import llm_int8_output, search_scales
 from llmquant.algorithms.grid import diagonal_blocks, round_4bit, search_block_scales
-from llmquant.algorithms.gptq import gptq
+from llmquant.algorithms.gptq import gptq, gptq_layers
 from llmquant.algorithms.rtn import rtn_4bit, rtn_int8
 from llmquant.algorithms.scale_search import LayerStats
 from llmquant.backends.bnb import build_module, quant_state
@@ -44,6 +44,17 @@ def test_gptq_beats_rtn_on_held_out_inputs(scheme, act_order):
     rtn = rtn_4bit(w, scheme, torch.float32) if isinstance(scheme, FourBit) else rtn_int8(w, scheme)
     q = gptq(w, h, scheme, torch.float32, act_order=act_order)
     assert out_err(w, q, held) < 0.6 * out_err(w, rtn, held)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
+def test_gptq_on_layers_sharing_inputs_equals_gptq_of_each(scheme):
+    w, h, _ = layer(out=160)
+    parts = [w[:64], w[64:96] * 3, w[96:]]  # different widths and magnitudes, as q/k/v have
+    together = gptq_layers(parts, h, scheme, torch.float32, act_order=False)
+    for part, q in zip(parts, together):
+        alone = gptq(part, h, scheme, torch.float32, act_order=False)
+        assert torch.equal(q.dequantize(), alone.dequantize())
+        assert type(q) is type(alone) and q.dequantize().shape == part.shape
 
 
 @pytest.mark.parametrize("scheme", SCHEMES[:2], ids=lambda s: s.label())

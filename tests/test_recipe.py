@@ -114,3 +114,9 @@ def test_bad_yaml(text, expected):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         Recipe.load(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_recipes_are_valid_and_round_trip(path):
+    r = Recipe.load(path)
+    assert Recipe.from_yaml(r.to_yaml()) == r
