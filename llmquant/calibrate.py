@@ -161,13 +161,16 @@ class SequentialCalibrator:
         """
         stats: dict[str, _Inputs] = {}
         groups: list[list[str]] = []
-        owner_of: dict[tuple, str] = {}  # input tensor of this forward call -> first layer that read it
+        # Input tensor of this forward call -> first layer that read it. The tensors are held until
+        # the call ends: a freed one's memory could otherwise come back, at the same address and
+        # shape, as another layer's input and be taken for the same tensor.
+        owner_of: dict[tuple, tuple[str, torch.Tensor]] = {}
         first_call = [True]
 
         def make_hook(name):
             def hook(module, args):
                 x = args[0]
-                owner = owner_of.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), name)
+                owner = owner_of.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), (name, x))[0]
                 if owner == name:
                     if first_call[0]:
                         groups.append([name])

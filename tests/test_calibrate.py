@@ -115,3 +115,43 @@ def test_decoder_layers_are_found_in_every_family():
     for arch in ARCHS:
         name, layers = decoder_layers(build_tiny(arch))
         assert len(layers) == 2, arch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_measured_inputs_are_each_layers_own(arch):
+    """Layers share statistics only when they read the very same tensor, and every layer's
+    Hessian is the one of its own inputs (freed activations whose memory comes back at the
+    same address must not be taken for an earlier layer's input)."""
+    from types import SimpleNamespace
+
+    from conftest import build_tiny
+    from llmquant.calibrate import SequentialCalibrator
+    from llmquant.plan import quantizable
+
+    model = build_tiny(arch)
+    windows = torch.randint(0, 512, (8, 24), generator=torch.Generator().manual_seed(0))
+    cal = SequentialCalibrator(model, SimpleNamespace(entries=[]), windows, None, torch.device("cpu"), progress=False)
+    name, layers = decoder_layers(model)
+    inputs, cal._args, cal._kwargs = cal._capture_first_inputs(layers[0])
+    names = [f"{name}.0.{n}" for n, m in layers[0].named_modules() if n and quantizable(m)]
+
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1]).clone()))
+             for n in names]
+    with torch.no_grad():
+        for x in inputs:
+            layers[0](x, *cal._args, **cal._kwargs)
+    for h in hooks:
+        h.remove()
+
+    stats, groups, _ = cal._measure(layers[0], inputs, names)
+    assert sorted(n for g in groups for n in g) == sorted(names)
+    for g in groups:
+        assert all(stats[n] is stats[g[0]] for n in g)
+        assert all(torch.equal(seen[n][i], seen[g[0]][i]) for n in g for i in range(len(inputs)))
+    for n in names:
+        x = torch.cat(seen[n]).float()
+        assert stats[n].tokens == windows.numel(), n
+        assert torch.allclose(stats[n].hessian, x.t() @ x / len(x), rtol=1e-4, atol=1e-6), n
+    if arch in ("llama", "qwen2", "mistral"):
+        assert sorted(len(g) for g in groups) == [1, 1, 2, 3]  # o, down; gate+up; q+k+v
