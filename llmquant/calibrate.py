@@ -28,14 +28,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms import ALGORITHMS
-from .algorithms.awq import apply_scales, scaling_groups, search_scales
-from .algorithms.gptq import GPTQ, gptq_layers
+from .algorithms.awq import apply_scales, reader_scales, scaling_groups, search_scales
 from .algorithms.scale_search import LayerStats
 from .errors import UserError
 from .plan import Plan, PlanEntry, quantizable
 from .quantize import install, layer_weight, quantize_layer
 from .quantized import QuantizedWeight
-from .schemes import Int8, Keep
+from .schemes import Int8
 
 
 def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -238,7 +237,7 @@ class SequentialCalibrator:
         return self.chosen
 
     def _batches(self, group: list[str], stats: dict) -> list[list[str]]:
-        """Layers of one group quantized together: GPTQ layers with the same format and the same inputs."""
+        """Layers of one group quantized together: same calibrated method, format and inputs."""
         out: list[list[str]] = []
         keys: dict = {}
         for n in group:
@@ -277,7 +276,7 @@ class SequentialCalibrator:
                                             st.abs_max if int8 else None, sg.expand)
             if alpha > 0:
                 apply_scales(self.model, sg, s)
-                rs = s if sg.expand is None else s[sg.expand.to(s.device)]
+                rs = reader_scales(s, sg.expand)
                 st.h = st.h / (rs.unsqueeze(0) * rs.unsqueeze(1))
                 st.abs_sum, st.abs_max = st.abs_sum / rs, st.abs_max / rs
                 st.sample = [x / rs for x in st.sample]
@@ -290,20 +289,17 @@ class SequentialCalibrator:
             for batch in self._batches(group, stats):
                 e, st = self.entries[batch[0]], stats.get(batch[0])
                 modules = [self.model.get_submodule(n) for n in batch]
-                if not ALGORITHMS[e.method].calibrated:
+                algo = ALGORITHMS[e.method]
+                if not algo.calibrated:
                     qws = [quantize_layer(modules[0], e, self.plan.model_dtype)]
                 elif st is None:  # the forward never called it: no statistics
                     self.log(f"{batch[0]}: no calibration inputs reached it, quantized with rtn")
                     qws = [ALGORITHMS["rtn"].quantize(layer_weight(modules[0]).detach(), e.scheme, self.plan.model_dtype)]
                 else:
-                    ws = [layer_weight(m).detach().float() for m in modules]
-                    if len(batch) > 1:  # GPTQ on the stacked rows of layers sharing this input
-                        opts = {k: options[k] for k in ("damp", "act_order", "grid", "min_ratio")}
-                        qws = gptq_layers(ws, st.hessian, e.scheme, self.plan.model_dtype, **opts)
-                    else:
-                        qws = [quantize_layer(modules[0], e, self.plan.model_dtype, LayerStats(st.hessian, st.tokens, options))]
+                    ws = [layer_weight(m).detach() for m in modules]
+                    qws = algo.quantize_many(ws, e.scheme, self.plan.model_dtype, LayerStats(st.hessian, st.tokens, options))
                     for n, w, qw in zip(batch, ws, qws):
-                        report.setdefault("linear_rel_error", {})[n.removeprefix(prefix + ".")] = _rel_error(w, qw, st.hessian)
+                        report.setdefault("linear_rel_error", {})[n.removeprefix(prefix + ".")] = _rel_error(w.float(), qw, st.hessian)
                 for n, qw in zip(batch, qws):
                     install(self.model, self.entries[n], qw, self.plan.model_dtype)
                     self.chosen[n] = qw
@@ -317,7 +313,7 @@ class SequentialCalibrator:
 
 
 def _batch_key(e: PlanEntry):
-    return (e.method, e.scheme) if isinstance(ALGORITHMS[e.method], GPTQ) and not isinstance(e.scheme, Keep) else None
+    return (e.method, e.scheme) if ALGORITHMS[e.method].calibrated else None
 
 
 def _to(obj, device):

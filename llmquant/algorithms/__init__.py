@@ -27,6 +27,11 @@ class Algorithm:
     def quantize(self, weight: torch.Tensor, scheme, dtype: torch.dtype, stats=None) -> QuantizedWeight:
         raise NotImplementedError
 
+    def quantize_many(self, weights: list[torch.Tensor], scheme, dtype: torch.dtype, stats=None) -> list[QuantizedWeight]:
+        """Several layers in one format reading the same inputs (one ``stats``); an algorithm
+        that can share work between them overrides this, with the same result as one by one."""
+        return [self.quantize(w, scheme, dtype, stats) for w in weights]
+
 
 def register(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
     def deco(cls: type[Algorithm]) -> type[Algorithm]:

@@ -139,6 +139,11 @@ def _loss(w: torch.Tensor, scheme, s: torch.Tensor, h: torch.Tensor, x_sample: t
     return torch.zeros((), device=w.device)  # kept in float: not affected by the scaling
 
 
+def reader_scales(s: torch.Tensor, expand: torch.Tensor | None) -> torch.Tensor:
+    """Scales of the producer's output channels -> scales of the readers' input columns."""
+    return s if expand is None else s[expand.to(s.device)]
+
+
 def _reduce(stat: torch.Tensor, expand: torch.Tensor | None, op: str) -> torch.Tensor:
     """Per-channel statistics of the readers' inputs, folded onto the producer's output channels."""
     if expand is None:
@@ -164,14 +169,13 @@ def search_scales(weights: list[torch.Tensor], schemes: list, h: torch.Tensor, x
         w_max = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
         families.append(("max", _reduce(x_abs_max.float(), expand, "max").clamp_min(1e-5), _reduce(w_max, expand, "max").clamp_min(1e-5)))
     ones = torch.ones_like(families[0][1])
-    first = sum(_loss(w, sc, ones if expand is None else ones[expand], h, x_sample) for w, sc in zip(weights, schemes)).item()
+    first = sum(_loss(w, sc, reader_scales(ones, expand), h, x_sample) for w, sc in zip(weights, schemes)).item()
     best_s, best_alpha, best_loss = ones, 0.0, first
     for _, xs, ws in families:
         for alpha in torch.linspace(0, 1, grid + 1)[1:].tolist():
             s = xs.pow(alpha) if ws is None else xs.pow(alpha) / ws.pow(1 - alpha)
             s = s / (s.max() * s.min()).sqrt()
-            full = s if expand is None else s[expand]
-            loss = sum(_loss(w, sc, full, h, x_sample) for w, sc in zip(weights, schemes)).item()
+            loss = sum(_loss(w, sc, reader_scales(s, expand), h, x_sample) for w, sc in zip(weights, schemes)).item()
             if loss < best_loss:
                 best_s, best_alpha, best_loss = s, alpha, loss
     return best_s, best_alpha, (best_loss / first if first else 1.0)
@@ -184,7 +188,7 @@ def apply_scales(model: nn.Module, group: ScalingGroup, s: torch.Tensor) -> None
     prev = model.get_submodule(group.prev)
     dt = prev.weight.dtype
     s = s.to(prev.weight.device, torch.float32)
-    reader_s = s if group.expand is None else s[group.expand.to(s.device)]
+    reader_s = reader_scales(s, group.expand)
     if type(prev) is nn.Linear:
         prev.weight.data = (prev.weight.float() / s.unsqueeze(1)).to(dt)
     else:

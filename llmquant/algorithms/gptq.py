@@ -134,7 +134,22 @@ class GPTQ(Algorithm):
     def quantize(self, weight: torch.Tensor, scheme, dtype: torch.dtype, stats: LayerStats | None = None) -> QuantizedWeight:
         if isinstance(scheme, Keep):
             return KeptWeight(weight.detach().to(scheme.dtype))
-        assert stats is not None and stats.hessian is not None, "gptq needs calibration statistics"
-        o = stats.options or {}
-        return gptq(weight, stats.hessian.to(weight.device), scheme, dtype, o.get("damp", 0.01), o.get("act_order", True),
-                    o.get("grid", 20), o.get("min_ratio", 0.5))
+        return gptq(weight, _hessian(stats, weight), scheme, dtype, **_options(stats))
+
+    def quantize_many(self, weights: list[torch.Tensor], scheme, dtype: torch.dtype,
+                      stats: LayerStats | None = None) -> list[QuantizedWeight]:
+        if isinstance(scheme, Keep):
+            return super().quantize_many(weights, scheme, dtype, stats)
+        return gptq_layers(weights, _hessian(stats, weights[0]), scheme, dtype, **_options(stats))
+
+
+def _hessian(stats: LayerStats | None, weight: torch.Tensor) -> torch.Tensor:
+    assert stats is not None and stats.hessian is not None, "gptq needs calibration statistics"
+    return stats.hessian.to(weight.device)
+
+
+def _options(stats: LayerStats) -> dict:
+    """gptq()'s settings from the recipe's calibration section."""
+    o = stats.options or {}
+    return {"damp": o.get("damp", 0.01), "act_order": o.get("act_order", True),
+            "grid": o.get("grid", 20), "min_ratio": o.get("min_ratio", 0.5)}
