@@ -198,8 +198,8 @@ class CalibrationSpec(StrictModel):
     seqlen: int = Field(2048, ge=8)
     seed: int = 0
     # Re-measure each group of layers' inputs after the layers before it in the same
-    # decoder layer are quantized. Slower; on SmolLM2 it did not help GPTQ (perplexity
-    # 37.67 with it, 37.49 without), so it is off unless asked for.
+    # decoder layer are quantized. Slower, and it has not been shown to help here, so it is
+    # off unless asked for (scripts/bench_quality.py --true-sequential compares).
     true_sequential: bool = False
     gptq: GPTQOptions = Field(default_factory=GPTQOptions)
     scale_search: SearchOptions = Field(default_factory=SearchOptions)

@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
+    ap.add_argument("--true-sequential", action="store_true", help="calibrate with calibration.true_sequential on")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args()
 
@@ -88,7 +89,7 @@ def main() -> None:
     targets = sum(w.n_targets for w in windows)
     cwin = calibration_windows(tok, calib.text, args.nsamples, args.seqlen, 0)
     spec = CalibrationSpec.model_validate({"text": {"source": args.text}, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                                           "true_sequential": False})
+                                           "true_sequential": args.true_sequential})
     print(f"model {args.model} ({args.dtype}, {device}); evaluation: {len(windows)} windows of {args.seqlen} tokens "
           f"({targets} scored) from [{args.split}, 1) of {args.text}; calibration: {args.nsamples} windows of "
           f"{args.seqlen} from [0, {args.split})", flush=True)
