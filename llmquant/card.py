@@ -9,8 +9,6 @@ from . import assets
 from .errors import UserError
 from .report import grouped_rows, human_bytes
 
-LIBRARY_URL = "https://github.com/llmquant/llmquant"
-
 
 def base_model_info(source: str) -> tuple[str | None, str | None]:
     """(Hub id, license) of the model an export was made from, when they can be known offline."""
@@ -67,7 +65,7 @@ def render(folder: str | Path, model_id: str | None = None) -> str:
     lines = [
         f"# {model_id}",
         "",
-        f"{base or meta['base_model']} quantized with [llmquant]({LIBRARY_URL}) into bitsandbytes formats "
+        f"{base or meta['base_model']} quantized with llmquant {meta['llmquant_version']} into bitsandbytes formats "
         f"({', '.join(sorted(formats))}). " + (
             "The checkpoint uses the stock bitsandbytes `quantization_config`: plain transformers loads it."
             if stock else "The checkpoint mixes formats per layer: load it with transformers after `import llmquant`."
@@ -83,7 +81,7 @@ def render(folder: str | Path, model_id: str | None = None) -> str:
         f'tokenizer = AutoTokenizer.from_pretrained("{model_id}")',
         "```",
         "",
-        "Requires `bitsandbytes>=0.50`" + ("" if stock else " and `llmquant` (`pip install llmquant`)") + ".",
+        "Requires `bitsandbytes>=0.50`" + ("" if stock else f" and llmquant {meta['llmquant_version']} or later installed") + ".",
         "",
         "## Size",
         "",
@@ -112,9 +110,9 @@ def render(folder: str | Path, model_id: str | None = None) -> str:
         "## How it was made",
         "",
         f"llmquant {meta['llmquant_version']} with " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if k != "python") + ".",
-        f"After writing, the checkpoint was reloaded from disk and compared with the in-memory quantized model: "
-        f"{check.get('tensors_checked', '?')} layers held exactly the chosen codes and scales, max |logit difference| "
-        f"{check.get('max_abs_logit_diff', '?')}.",
+        _check_sentence(check),
+        "",
+        "The recipe that made it (also in this repository as `recipe.yaml`):",
         "",
         "```yaml",
         recipe.rstrip(),
@@ -122,3 +120,11 @@ def render(folder: str | Path, model_id: str | None = None) -> str:
         "",
     ]
     return str(ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(lines)))
+
+
+def _check_sentence(check: dict) -> str:
+    if not check.get("passed", True):
+        return "The reload check of this checkpoint did not pass: " + str(check.get("error", "see llmquant.json")) + "."
+    return (f"After writing, the checkpoint was reloaded from disk and compared with the in-memory quantized model: "
+            f"{check.get('tensors_checked', '?')} tensors held exactly the chosen values, max |logit difference| "
+            f"{check.get('max_abs_logit_diff', '?')} on a fixed input (tolerance {check.get('tolerance', '?')}).")

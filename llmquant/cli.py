@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import ExportCheckError, UserError
+from .errors import ExportCheckError, UserError, read_utf8
 
 EPILOG = """\
 examples:
@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run a recipe: load, quantize, export, reload and check",
         description="Run a YAML recipe: load the model, quantize each Linear layer as the recipe says, write a "
         "safetensors checkpoint, reload it from disk and check it matches, then move it into place. "
-        "Nothing is written under the output folder unless every step succeeds.",
+        "Nothing is written under the output folder unless every step succeeds. A safetensors checkpoint is "
+        "streamed one decoder layer at a time (the model never sits in memory whole) unless the recipe evaluates "
+        "it; a stopped streamed run resumes at the layer it stopped at when the same command runs again. If the "
+        "final check fails, the written checkpoint is kept beside the output for `llmquant check --into`.",
     )
     r.add_argument("config", help="the recipe (YAML); see configs/ for examples")
     r.add_argument("--dry-run", action="store_true", help="print the per-layer plan and sizes; quantize and write nothing")
@@ -105,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="a checkpoint folder")
     i.add_argument("--json", action="store_true", help="print the description as JSON")
     i.add_argument("--no-checksums", action="store_true", help="skip hashing the weight files (faster on big checkpoints)")
+
+    ck = sub.add_parser(
+        "check", help="check an export folder again, and put a kept one in place",
+        description="Check an llmquant export folder as `run` does after writing it: intact files, a reload in a "
+        "fresh model that holds exactly the tensors in the files, and outputs on the recorded input that match the "
+        "ones recorded at export. When a run's check fails, the written checkpoint is kept beside its output "
+        "(OUT.unchecked-...); `llmquant check KEPT --into OUT` checks it again and, if it passes, puts it in place "
+        "without quantizing again. Exit status 2 when the check fails.",
+    )
+    ck.add_argument("folder", help="an llmquant export folder")
+    ck.add_argument("--into", metavar="OUT", help="after a passing check, move the folder to OUT (as a run's output)")
+    ck.add_argument("--overwrite", action="store_true", help="with --into: replace an existing llmquant export at OUT")
 
     pu = sub.add_parser(
         "push", help="check an export and upload it to the Hugging Face Hub in one commit",
@@ -193,7 +208,7 @@ def cmd_eval(args) -> int:
         p = Path(args.config)
         if not p.is_file():
             raise UserError(f"config {args.config!r} not found (expected a YAML file)")
-        data = load_yaml(p.read_text(encoding="utf-8"), args.config) or {}
+        data = load_yaml(read_utf8(p, "config"), args.config) or {}
         if not isinstance(data, dict):
             raise UserError(f"{args.config}: expected a mapping of evaluation settings")
         settings = dict(data.get("eval") or {}) if "eval" in data or "model" in data else dict(data)
@@ -267,6 +282,16 @@ def cmd_inspect(args) -> int:
     return 1 if ck.problems else 0
 
 
+def cmd_check(args) -> int:
+    from .pipeline import recheck
+
+    info = recheck(args.folder, args.into, args.overwrite)
+    where = f"; now in place at {args.into}" if args.into else ""
+    print(f"{args.folder}: check passed ({info['tensors_checked']} tensors identical to the files, outputs on the "
+          f"recorded input within {info['max_abs_logit_diff']:.2g}){where}")
+    return 0
+
+
 def cmd_push(args) -> int:
     from .hub import push
 
@@ -275,7 +300,8 @@ def cmd_push(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "compare": cmd_compare, "inspect": cmd_inspect, "push": cmd_push, "assets": cmd_assets}
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "compare": cmd_compare, "inspect": cmd_inspect, "check": cmd_check, "push": cmd_push,
+            "assets": cmd_assets}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: nothing was written under the output folder", file=sys.stderr)
+        print("interrupted: nothing was written under the output folder (the same command resumes a streamed run "
+              "at the layer it stopped at)", file=sys.stderr)
         return 130
     except Exception as e:  # an unexpected failure: one line, unless --verbose
         if args.verbose:

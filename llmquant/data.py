@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import field_validator, model_validator
 
 from . import assets
-from .errors import UserError
+from .errors import UserError, read_utf8
 from .schemes import StrictModel
 
 
@@ -112,10 +112,7 @@ def load_text(spec: TextSpec, purpose: str = "eval") -> Text:
             docs = _read_jsonl(path, spec.field)
             full = "\n\n".join(docs)
         else:
-            try:
-                full = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"text file {str(path)!r} is not UTF-8 text") from None
+            full = read_utf8(path, "text file")
         start, end = (int(len(full) * f) for f in spec.range)
         text = full[start:end]
         meta = {"source": spec.source, "path": str(path), "range": list(spec.range), "characters_total": len(full)}

@@ -12,3 +12,14 @@ class UserError(ValueError):
 
 class ExportCheckError(RuntimeError):
     """A written checkpoint did not reload to the model it was written from."""
+
+
+def read_utf8(path, what: str) -> str:
+    """A user's text file (a recipe, a calibration text), with one-line errors for unreadable ones."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None

@@ -128,6 +128,11 @@ def load_model(src: ModelSource, dtype: str = "auto", device: str = "auto", trus
         )
     except (OSError, ValueError) as e:
         raise UserError(f"could not load model {src.describe()}: {_first_line(e)}") from None
+    except Exception as e:
+        if type(e).__name__ == "SafetensorError":  # a truncated or corrupted weights file
+            raise UserError(f"could not load model {src.describe()}: {_damaged_file(src)}{_first_line(e)}; "
+                            "download or save the checkpoint again") from None
+        raise
     if dev.type != "cuda" and dev.type != "cpu":
         model.to(dev)
     if src.kind == "gguf":
@@ -139,9 +144,35 @@ def load_model(src: ModelSource, dtype: str = "auto", device: str = "auto", trus
     return model, load_tokenizer(src, trust_remote_code)
 
 
+def _damaged_file(src: ModelSource) -> str:
+    """'file X is damaged: ' for the first local safetensors file whose header cannot be read."""
+    from safetensors import safe_open
+
+    if src.kind != "folder":
+        return ""
+    for f in sorted(Path(src.location).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception:
+            return f"{f.name} is damaged: "
+    return ""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def has_tokenizer(src: ModelSource) -> bool:
+    """False for a local folder with no tokenizer files (Hub repos and GGUF files are assumed to have one)."""
+    return src.kind != "folder" or any((Path(src.location) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
+    """The model's tokenizer, or None for a local folder that has none (quantization alone needs none)."""
     from transformers import AutoTokenizer
 
+    if not has_tokenizer(src):
+        return None
     try:
         return AutoTokenizer.from_pretrained(src.location, trust_remote_code=trust_remote_code, **src.from_pretrained_kwargs())
     except (OSError, ValueError, TypeError) as e:

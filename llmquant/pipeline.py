@@ -21,8 +21,13 @@ from .checkpoint import file_digests
 from .data import load_text
 from .evaluate import Evaluation, ModelResult, check_tasks, linear_size
 from .errors import UserError
-from .export import MARKER_FILE, ExportCheck, atomic_output, check_output_dir, model_device, probe_ids, safetensors_bytes, verify_export, write_checkpoint
-from .models import fingerprint, load_model, resolve_source
+from .errors import ExportCheckError
+from .export import (MARKER_FILE, ExportCheck, atomic_output, check_output_dir, keep_unchecked, logits_on, model_device, probe_ids,
+                     probe_summary, safetensors_bytes, verify_export, verify_streamed_export, write_checkpoint,
+                     write_streamed_checkpoint)
+from .models import (TOKENIZER_FILES, fingerprint, has_tokenizer, load_config, load_model, load_tokenizer, pick_device, resolve_dtype,
+                     resolve_source)
+from .stream import skeleton
 from .plan import Plan, build_plan
 from .calibrate import SequentialCalibrator, calibration_windows, needs_calibration
 from .quantize import quantize_model
@@ -40,6 +45,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     results: dict | None = None  # results.json, when the recipe evaluates
     calibration: dict | None = None  # per-layer reconstruction errors, when a method was calibrated
+    streamed: bool = False  # quantized layer by layer from the checkpoint files, never whole in memory
+    resumed_from: int = 0  # decoder layer a streamed run resumed at
 
 
 def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, progress: bool = True) -> RunResult:
@@ -55,6 +62,10 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, p
     m = recipe.model
     src = resolve_source(m.source, m.gguf_file, m.revision)
     eval_text = calib_text = None
+    if not dry_run and (recipe.eval or recipe.calibration) and not has_tokenizer(src):
+        needs = " and ".join(n for n, v in (("calibration", recipe.calibration), ("evaluation", recipe.eval)) if v)
+        raise UserError(f"model folder {src.location!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                        f"{needs} need{'' if ' and ' in needs else 's'} one: copy the original model's tokenizer files into it")
     if recipe.eval and not dry_run:  # bad evaluation settings fail before the model loads
         eval_text = load_text(recipe.eval.text, "eval")
         check_tasks(recipe.eval.tasks)
@@ -62,15 +73,25 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, p
         calib_text = load_text(recipe.calibration.text, "calib")
         if recipe.eval and texts_overlap(recipe.calibration.text, recipe.eval.text):
             log.print("[yellow]warning:[/] the calibration text overlaps the evaluation text; quality numbers will be optimistic")
+    # The plan needs only the model's structure: planned on a skeleton without memory, every bad rule or
+    # unsupported model fails here, before any weight is read.
+    config = load_config(src, m.trust_remote_code)
+    dtype = resolve_dtype(m.dtype, src, config)
+    frame = skeleton(config, dtype, m.trust_remote_code)
+    plan = build_plan(frame, recipe.quantization, dtype)
+    if dry_run:
+        print_plan(plan, console, per_layer=True)
+        console.print(f"estimated checkpoint size: {human_bytes(plan.file_bytes_estimate())}")
+        return RunResult(recipe, plan, timings=timings)
+    reader = _stream_reader(recipe, src, frame, log)
+    if reader is not None:
+        return _run_streamed(recipe, src, frame, plan, reader, calib_text, console, log, progress, timings, t_start)
+    del frame
     log.print(f"loading {src.describe()} ...")
     model, tokenizer = load_model(src, m.dtype, recipe.device, m.trust_remote_code, allow_pickle=m.allow_pickle)
     timings["load"] = time.perf_counter() - t
 
     plan = build_plan(model, recipe.quantization, model.dtype)
-    if dry_run:
-        print_plan(plan, console, per_layer=True)
-        console.print(f"estimated checkpoint size: {human_bytes(plan.file_bytes_estimate())}")
-        return RunResult(recipe, plan, timings=timings)
 
     evaluation = Evaluation(recipe.eval, tokenizer, progress, log.print, eval_text) if recipe.eval else None
     try:
@@ -102,41 +123,168 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, p
 
         t = time.perf_counter()
         ids = probe_ids(tokenizer, model.config.get_text_config().vocab_size)
-        with atomic_output(out, recipe.output.overwrite) as tmp:
-            write_checkpoint(
-                tmp, model, tokenizer, plan, chosen, parse_size(recipe.output.max_shard_size),
-                extra_files={"recipe.yaml": recipe.to_yaml()},
-            )
-            timings["write"] = time.perf_counter() - t
-            log.print("reloading the export to check it ...")
-            check = verify_export(tmp, model, plan, chosen, ids)
-            timings["check"] = check.seconds
-            file_bytes = safetensors_bytes(tmp)
-            timings["total"] = time.perf_counter() - t_start
-            result = RunResult(recipe, plan, out, check, file_bytes, timings, calibration=calibration_report)
+        info = {"source": src.describe(), "fingerprint": fingerprint(src, model.config),
+                "dtype": _dtype_name(model.dtype), "device": str(model_device(model))}
+        result = RunResult(recipe, plan, out, timings=timings, calibration=calibration_report)
+
+        def results():
             if evaluation:
-                info = {"source": src.describe(), "fingerprint": fingerprint(src, model.config),
-                        "dtype": _dtype_name(model.dtype), "device": str(model_device(model))}
                 result.results = results_mod.build(
                     {k: v.to_dict() for k, v in evaluated.items()}, evaluation.protocol(), info, recipe.to_dict(), timings
                 )
-                results_mod.write(tmp, result.results, f"{Path(recipe.output.dir).name}: perplexity vs size")
-            meta = run_metadata(result, src.describe())
-            meta["files"] = file_digests(tmp)
-            (tmp / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            (tmp / "README.md").write_text(card.render(tmp, recipe.hub.repo if recipe.hub else Path(recipe.output.dir).name))
+
+        _export(result, src, t, t_start, log,
+                write=lambda tmp: write_checkpoint(tmp, model, tokenizer, plan, chosen, parse_size(recipe.output.max_shard_size),
+                                                   extra_files={"recipe.yaml": recipe.to_yaml()}),
+                check=lambda tmp: verify_export(tmp, model, plan, chosen, ids),
+                probe=lambda: probe_summary(ids, logits_on(model, ids), model_device(model)), results=results)
     finally:
         if evaluation:
             evaluation.close()
 
     print_summary(result, console)
+    _push(recipe, out, console, log)
+    return result
+
+
+def _export(result: RunResult, src, t_write: float, t_start: float, log, write, check, probe, results=lambda: None) -> None:
+    """Write the checkpoint into a temporary folder, reload and check it, then put it in place.
+
+    A failed check keeps what was written beside the output (``OUT.unchecked-...``), so the work is not
+    lost: ``llmquant check KEPT --into OUT`` checks it again and puts it in place.
+    """
+    recipe, timings, out = result.recipe, result.timings, result.output
+    with atomic_output(out, recipe.output.overwrite) as tmp:
+        write(tmp)
+        timings["write"] = time.perf_counter() - t_write
+        result.file_bytes = safetensors_bytes(tmp)
+        log.print("reloading the export to check it ...")
+        try:
+            result.check = check(tmp)
+        except ExportCheckError as e:
+            result.check = ExportCheck(None, None, 0, 0.0, probe(), passed=False, error=str(e))
+            results()
+            write_records(tmp, result, src.describe())
+            kept = keep_unchecked(tmp, out)
+            raise ExportCheckError(f"{e}. Nothing was written at {out}; the checkpoint is kept, unchecked, in {kept}: "
+                                   f"`llmquant check {kept} --into {out}` checks it again and puts it in place") from None
+        timings["check"] = result.check.seconds
+        timings["total"] = time.perf_counter() - t_start
+        results()
+        write_records(tmp, result, src.describe())
+
+
+def _stream_reader(recipe: Recipe, src, model, log):
+    """A reader of the checkpoint when the run can stream it layer by layer into ``model`` (a skeleton), else None.
+
+    Streaming needs the weights as safetensors whose names are the model's own; evaluation still
+    needs the whole model in memory (the baseline, then the quantized model), so it is not streamed.
+    """
+    from .stream import CheckpointReader, local_folder, missing_tensors, stream_reason
+
+    reason = "the recipe evaluates the model" if recipe.eval else stream_reason(src)
+    if reason is None and pick_device(recipe.device).type == "cuda" and recipe.device == "auto" and torch.cuda.device_count() > 1:
+        reason = "several GPUs are used through accelerate's device map"
+    if reason is None:
+        reader = CheckpointReader(local_folder(src))
+        missing = missing_tensors(model, reader)
+        if not missing:
+            return reader
+        reader.close()
+        reason = f"the checkpoint names its tensors differently from the model (no {missing[0]})"
+    log.print(f"loading the whole model ({reason})")
+    return None
+
+
+def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, console, log, progress, timings, t_start) -> RunResult:
+    """``run`` for a model streamed layer by layer from its checkpoint (see :mod:`llmquant.stream`)."""
+    import shutil
+
+    from .stream import StreamedQuantizer, WorkFolder
+
+    m, out = recipe.model, Path(recipe.output.dir)
+    log.print(f"streaming {src.describe()} layer by layer ...")
+    tokenizer = load_tokenizer(src, m.trust_remote_code)
+    device = pick_device(recipe.device)
+    ids = probe_ids(tokenizer, model.config.get_text_config().vocab_size)
+    timings["load"] = time.perf_counter() - t_start
+    t = time.perf_counter()
+    key = WorkFolder.key(recipe.to_dict()["quantization"], recipe.to_dict().get("calibration"), fingerprint(src, model.config),
+                         str(plan.model_dtype), device.type, [int(i) for i in ids[0]])
+    work = WorkFolder(out, key).open()
+    calibrator = None
+    if needs_calibration(plan):
+        c = recipe.calibration
+        windows = calibration_windows(tokenizer, calib_text.text, c.nsamples, c.seqlen, c.seed)
+        calibrator = SequentialCalibrator(model, plan, windows, c, device, progress, log.print)
+    try:
+        streamer = StreamedQuantizer(model, plan, reader, work, device, ids, calibrator, progress, log.print)
+        logits = streamer.run()
+    finally:
+        reader.close()
+    timings["quantize"] = time.perf_counter() - t
+    calibration_report = None
+    if calibrator is not None:
+        calibrator.report, calibrator.seconds = streamer.report, streamer.seconds
+        calibration_report = _calibration_summary(calibrator, calib_text)
+        log.print(calibration_report["summary"])
+    result = RunResult(recipe, plan, out, timings=timings, calibration=calibration_report, streamed=True,
+                       resumed_from=streamer.resumed_from)
+    try:
+        _export(result, src, time.perf_counter(), t_start, log,
+                write=lambda tmp: write_streamed_checkpoint(tmp, work, model, tokenizer, plan, parse_size(recipe.output.max_shard_size),
+                                                            extra_files={"recipe.yaml": recipe.to_yaml()}),
+                check=lambda tmp: verify_streamed_export(tmp, plan, ids, logits, device),
+                probe=lambda: probe_summary(ids, logits, device))
+    except ExportCheckError:
+        shutil.rmtree(work.path, ignore_errors=True)  # everything it held is in the kept folder
+        raise
+    shutil.rmtree(work.path, ignore_errors=True)
+    print_summary(result, console)
+    _push(recipe, out, console, log)
+    return result
+
+
+def _push(recipe: Recipe, out: Path, console, log) -> None:
     if recipe.hub:
         from .hub import push
 
         h = recipe.hub
         url = push(out, h.repo, h.private, h.revision, h.commit_message, log=log.print)
         console.print(f"pushed to {h.repo}: {url}")
-    return result
+
+
+def write_records(folder: Path, result: RunResult, source: str) -> None:
+    """results.json/.md/.png, llmquant.json and the model card of an export folder."""
+    if result.results:
+        results_mod.write(folder, result.results, f"{Path(result.recipe.output.dir).name}: perplexity vs size")
+    meta = run_metadata(result, source)
+    meta["files"] = file_digests(folder)
+    (folder / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    hub = result.recipe.hub
+    (folder / "README.md").write_text(card.render(folder, hub.repo if hub else Path(result.recipe.output.dir).name))
+
+
+def recheck(folder: str | Path, into: str | Path | None = None, overwrite: bool = False) -> dict:
+    """``llmquant check``: check an export folder again; with ``into``, move it there once it passes."""
+    import yaml
+
+    from .export import check_export_folder, install_export
+
+    folder = Path(folder)
+    if into is not None:
+        check_output_dir(Path(into), overwrite)
+    info = check_export_folder(folder, require_passed=False)
+    meta = info["meta"]
+    meta["export_check"].update(passed=True, error=None, tensors_checked=info["tensors_checked"],
+                                max_abs_logit_diff=info["max_abs_logit_diff"], tolerance=info["tolerance"], rechecked=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    (folder / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) if (folder / "recipe.yaml").is_file() else {}
+    repo = ((recipe or {}).get("hub") or {}).get("repo")
+    (folder / "README.md").write_text(card.render(folder, repo or Path(into or folder).name))
+    if into is not None:
+        install_export(folder, Path(into), overwrite)
+    return info
 
 
 def texts_overlap(a, b) -> bool:
@@ -196,6 +344,7 @@ def run_metadata(r: RunResult, source: str) -> dict:
             "model_bits_per_weight": round(plan.model_bits_per_weight(), 4),
         },
         "export_check": r.check.to_dict() if r.check else None,
+        "loading": {"streamed": r.streamed, "resumed_from_layer": r.resumed_from},
         "calibration": r.calibration,
         "timings_seconds": {k: round(v, 2) for k, v in r.timings.items()},
         "versions": {
@@ -211,7 +360,7 @@ def print_summary(r: RunResult, console: Console) -> None:
     if r.check:
         console.print(
             f"export: {r.output}  ({human_bytes(r.file_bytes)} of safetensors; reloaded from disk, "
-            f"{r.check.tensors_checked} layers identical, max |Δlogit| {r.check.max_abs_logit_diff:.2g})"
+            f"{r.check.tensors_checked} tensors identical, max |Δlogit| {r.check.max_abs_logit_diff:.2g})"
         )
     if r.results:
         console.print(results_mod.rich_table(r.results))
@@ -242,6 +391,8 @@ def evaluate_only(model: str, spec, output: Path, overwrite: bool = False, basel
     for s_ in (src, bsrc):  # damaged local checkpoints: one clear line before any loading
         if s_ is not None and s_.kind == "folder":
             check(s_.location)
+    if not has_tokenizer(bsrc or src):
+        raise UserError(f"model folder {(bsrc or src).location!r} has no tokenizer files; evaluation needs one")
     if bsrc is None and spec.divergence:
         spec = spec.model_copy(update={"divergence": False})
     text = load_text(spec.text, "eval")

@@ -229,6 +229,7 @@ def build_plan(model: nn.Module, q: Quantization, model_dtype: torch.dtype) -> P
     layers = {n: m for n, m in model.named_modules() if quantizable(m)}
     if not layers:
         raise UserError(f"{type(model).__name__} has no Linear layers to quantize")
+    _refuse_fused_experts(model)
     owners = {n: m for n, m in model.named_modules() if n and next(m.parameters(recurse=False), None) is not None}
 
     head = output_head_name(model)
@@ -279,6 +280,20 @@ def build_plan(model: nn.Module, q: Quantization, model_dtype: torch.dtype) -> P
         other[bname] = (tuple(b.shape), b.dtype)
         float_bytes += b.numel() * b.element_size()
     return Plan(entries, model_dtype, other, float_bytes)
+
+
+def _refuse_fused_experts(model: nn.Module) -> None:
+    """Mixture-of-experts models in transformers 5 keep all experts of a layer in fused 3-D tensors
+    (``experts.gate_up_proj [experts, 2 * inter, hidden]``). bitsandbytes' layers hold 2-D Linear weights only,
+    so such experts can be neither quantized nor stored in a bitsandbytes checkpoint; leaving them in float
+    would keep almost the whole model's size while calling it quantized."""
+    for name, p in model.named_parameters():
+        if p.dim() == 3:
+            raise UserError(
+                f"{type(model).__name__} keeps its experts as fused 3-D tensors ({name} {tuple(p.shape)}); "
+                "bitsandbytes formats hold only 2-D Linear weights, so llmquant cannot quantize mixture-of-experts "
+                "models yet (quantize a dense model)"
+            )
 
 
 def _persistent_buffers(model: nn.Module):

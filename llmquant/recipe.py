@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .data import TextSpec
-from .errors import UserError
+from .errors import UserError, read_utf8
 from .schemes import FORMAT_NAMES, FourBit, Int8, Keep, Scheme, StrictModel, parse_scheme
 
 RECIPE_VERSION = 1
@@ -325,7 +325,7 @@ class Recipe(StrictModel):
         p = Path(path)
         if not p.is_file():
             raise UserError(f"recipe {str(path)!r} not found (expected a YAML file)")
-        return cls.from_yaml(p.read_text(encoding="utf-8"), source=str(path))
+        return cls.from_yaml(read_utf8(p, "recipe"), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json", exclude_none=False)

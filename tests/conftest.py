@@ -13,6 +13,35 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+
+def _simulate_cpu_without_avx512bf16() -> None:
+    """LLMQUANT_SIMULATE_NO_AVX512BF16=1: bitsandbytes behaves as on a CPU without AVX512-BF16 (its native
+    feature probe answers no before its CPU kernels are registered), to run the whole suite as such a CPU would."""
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    class Patch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "bitsandbytes.cextension":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            run_module = spec.loader.exec_module
+
+            def exec_module(module):
+                run_module(module)
+                module.lib.has_avx512bf16_cpu = lambda: False
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, Patch())
+
+
+if os.environ.get("LLMQUANT_SIMULATE_NO_AVX512BF16") == "1":
+    _simulate_cpu_without_avx512bf16()
+
 import llmquant  # noqa: E402,F401  (registers the llmquant checkpoint format)
 import logging  # noqa: E402
 
@@ -120,3 +149,38 @@ def smollm2_dir():
 @pytest.fixture(scope="session")
 def botchan_text() -> str:
     return assets.fetch("botchan", quiet=True).read_text(encoding="utf-8")
+
+
+# ---- bitsandbytes' two CPU branches, on any CPU ---------------------------------------------------
+# On CPUs with AVX512-BF16, the first forward of a Linear4bit repacks its weight for bitsandbytes' CPU
+# kernel and rewrites its quant_state; elsewhere it computes from the stored layout. Tests take each
+# branch explicitly: `no_cpu_repacking` turns the repacking off (as on a CPU without the instruction),
+# and `repack_like_avx512bf16` applies bitsandbytes' own repacking without a forward pass (a repacked
+# layer must then not run forward where the kernel for it is missing).
+
+
+@pytest.fixture
+def no_cpu_repacking(monkeypatch):
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+
+
+def repack_like_avx512bf16(model) -> int:
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and not getattr(m.weight.quant_state, "packing_format_for_cpu", False):
+            m.weight.data, _ = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+            n += 1
+    return n
+
+
+def assert_same_logits(got, expected):
+    """Equal up to the run-to-run noise of a CPU forward pass (thread scheduling changes the order of
+    floating-point sums, more so on a busy machine); a wrong scale or format changes logits far more."""
+    assert got.shape == expected.shape
+    diff = (got.float() - expected.float()).abs().max().item()
+    assert diff <= 1e-4 * max(1.0, expected.abs().max().item()), diff

@@ -132,3 +132,27 @@ def test_llm_int8_simulation_matches_bitsandbytes():
         ref = x @ w.t()
         sim = llm_int8_output(x, qw.codes, qw.scb, t)
         assert (sim - y).norm() / ref.norm() < 0.05 * (y - ref).norm() / ref.norm()
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_rtn_by_row_chunks_is_bitsandbytes_quantization(monkeypatch, fmt, double_quant):
+    """RTN quantizes a few rows at a time (less memory); the result is bitsandbytes' own, bit for bit."""
+    from bitsandbytes.functional import quantize_4bit
+
+    from llmquant.algorithms import rtn
+    from llmquant.quantized import unpack_4bit
+    from llmquant.schemes import FourBit
+
+    monkeypatch.setattr(rtn, "CHUNK_WEIGHTS", 1 << 14)
+    torch.manual_seed(0)
+    for shape, g in (((512, 1024), 64), ((300, 256), 32), ((64, 4096), 128)):
+        w = torch.randn(shape, dtype=torch.bfloat16)
+        qw = rtn.rtn_4bit(w, FourBit(format=fmt, group_size=g, double_quant=double_quant), torch.bfloat16)
+        packed, qs = quantize_4bit(w, blocksize=g, compress_statistics=double_quant, quant_type=fmt)
+        assert torch.equal(qw.codes, unpack_4bit(packed, shape))
+        if double_quant:
+            assert torch.equal(qw.nested.codes, qs.absmax) and torch.equal(qw.nested.absmax, qs.state2.absmax)
+            assert torch.equal(qw.nested.offset, qs.offset)
+        else:
+            assert torch.equal(qw.scales, qs.absmax.float())

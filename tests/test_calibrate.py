@@ -37,7 +37,7 @@ def calibrated(model_dir, out, text, method, quant=None, eval_=False, **calib):
 def test_every_family_calibrates_exports_and_reloads(tiny_dirs, tmp_path, texts, arch, method):
     # plain gptq re-measures inputs group by group (true_sequential), the others measure once per layer
     res = calibrated(tiny_dirs(arch), tmp_path / "out", texts, method, true_sequential=method == "gptq")
-    assert res.check.max_abs_logit_diff == 0.0
+    assert res.check.passed and res.check.max_abs_logit_diff <= res.check.tolerance
     cal = res.calibration
     assert len(cal["layers"]) == 2 and cal["windows"] == [6, 32]
     for layer in cal["layers"]:

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -59,6 +60,11 @@ BAD_RECIPES = [
     ("hub-repo", "model: {source: M}\noutput: {dir: out}\nhub: {repo: no-slash}\n", "'no-slash' is not a Hub repository id"),
     ("bad-device", "model: {source: M}\ndevice: gpu\noutput: {dir: out}\n", "'gpu' is not a device"),
     ("pickle-weights", "model: {source: PICKLE}\noutput: {dir: out}\n", "has only pickle weights (.bin)"),
+    ("recipe-not-utf8", b"model: {source: M}\noutput: {dir: out}\n# caf\xe9 latin-1\n", "is not UTF-8 text (byte "),
+    ("output-unwritable", "model: {source: M}\noutput: {dir: /proc/llmquant-test/out}\n", "cannot write the output under '/proc/llmquant-test'"),
+    ("model-truncated", "model: {source: TRUNCATED}\noutput: {dir: out}\n", "model.safetensors is damaged: Error while deserializing header"),
+    ("no-tokenizer-to-calibrate", "model: {source: NOTOK}\noutput: {dir: out}\nquantization: {method: gptq}\ncalibration: {text: {source: notes.txt}}\n", "has no tokenizer files"),
+    ("no-tokenizer-to-evaluate", "model: {source: NOTOK}\noutput: {dir: out}\neval: {text: {source: notes.txt}}\n", "evaluation needs one"),
 ]
 BAD_ARGS = [
     ("run-no-config", ["run"], "the following arguments are required: config"),
@@ -76,6 +82,14 @@ def workdir(tmp_path, tiny_dirs, monkeypatch):
     (tmp_path / "notes.txt").write_text("some notes that are not a model " * 50)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("precious")
+    truncated = tmp_path / "truncated"  # a download that stopped half-way
+    shutil.copytree(tiny_dirs("llama"), truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    notok = tmp_path / "notok"  # weights and config, no tokenizer files
+    notok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_dirs("llama") / f, notok / f)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text((tiny_dirs("llama") / "config.json").read_text())
@@ -86,7 +100,13 @@ def workdir(tmp_path, tiny_dirs, monkeypatch):
 @pytest.mark.parametrize("text,expected", [(t, e) for _, t, e in BAD_RECIPES], ids=[i for i, _, _ in BAD_RECIPES])
 def test_bad_recipes(workdir, tiny_dirs, capsys, text, expected):
     recipe = workdir / "r.yaml"
-    recipe.write_text(text.replace("source: M", f"source: {tiny_dirs('llama')}").replace("PICKLE", str(workdir / "pickled")))
+    if isinstance(text, bytes):
+        recipe.write_bytes(text.replace(b"source: M", f"source: {tiny_dirs('llama')}".encode()))
+    else:
+        names = {"PICKLE": "pickled", "TRUNCATED": "truncated", "NOTOK": "notok"}
+        for k, v in names.items():
+            text = text.replace(k, str(workdir / v))
+        recipe.write_text(text.replace("source: M", f"source: {tiny_dirs('llama')}"))
     before = snapshot(workdir)
     assert main(["run", str(recipe)]) == 2
     err = capsys.readouterr().err
@@ -108,6 +128,34 @@ def test_bad_command_lines(workdir, tiny_dirs, capsys, argv, expected):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
     assert snapshot(workdir) == before
+
+
+def test_disk_full_while_writing(workdir, tiny_dirs, capsys, monkeypatch):
+    import errno
+
+    from llmquant import export as export_mod
+
+    real = export_mod.write_shards
+
+    def full(*args):
+        real(*args)  # some bytes land, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_mod, "write_shards", full)
+    recipe = workdir / "r.yaml"
+    recipe.write_text(f"model: {{source: {tiny_dirs('llama')}}}\ndevice: cpu\noutput: {{dir: out}}\n")
+    before = snapshot(workdir)
+    assert main(["run", str(recipe), "--quiet"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: writing the export beside 'out' failed: No space left on device; nothing was written"), last
+    after = snapshot(workdir)
+    work = {k for k in after if k.startswith(".out.llmquant-partial-")}  # what a rerun resumes from, once there is space
+    assert {k: v for k, v in after.items() if k not in work} == before  # the partial export is gone
+    monkeypatch.undo()
+    monkeypatch.chdir(workdir)
+    assert main(["run", str(recipe), "--quiet"]) == 0
+    assert json.loads((workdir / "out" / "llmquant.json").read_text())["loading"]["resumed_from_layer"] == 2
+    assert not [p for p in workdir.iterdir() if p.name.startswith(".out.")]
 
 
 def test_the_failure_table_is_large():
@@ -199,3 +247,27 @@ def test_damaged_checkpoints_are_reported_in_one_line(tiny_dirs, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: ") and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_mixture_of_experts_is_refused_before_any_weight_is_read(tmp_path, capsys, monkeypatch, family):
+    """transformers 5 fuses each layer's experts into 3-D tensors that no bitsandbytes layer holds: one line, exit 2."""
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_tokenizer
+
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    cfg = (tf.MixtralConfig(intermediate_size=128, num_local_experts=4, **common) if family == "mixtral" else
+           tf.Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4, **common))
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "moe")
+    tiny_tokenizer().save_pretrained(tmp_path / "moe")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text("model: {source: moe}\ndevice: cpu\noutput: {dir: out}\n")
+    before = snapshot(tmp_path)
+    for argv in (["run", "r.yaml"], ["run", "--dry-run", "r.yaml"]):
+        assert main(argv) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "keeps its experts as fused 3-D tensors (model.layers.0.mlp.experts." in last, last
+        assert "cannot quantize mixture-of-experts models yet" in last
+    assert snapshot(tmp_path) == before

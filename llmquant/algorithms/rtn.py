@@ -17,17 +17,26 @@ def rtn_4bit(weight: torch.Tensor, scheme: FourBit, dtype: torch.dtype) -> FourB
     """
     from bitsandbytes.functional import quantize_4bit
 
+    from ..quantized import double_quantize
+
     w = weight.detach().to(dtype).contiguous()
-    packed, qs = quantize_4bit(
-        w, blocksize=scheme.group_size, compress_statistics=scheme.double_quant, quant_type=scheme.format
-    )
-    codes = unpack_4bit(packed, tuple(w.shape))
-    if qs.nested:
-        nested = NestedScales(codes=qs.absmax, absmax=qs.state2.absmax, code=qs.state2.code, offset=qs.offset)
+    # Blocks never cross rows (the group size divides the inputs), so quantizing a few rows at a time gives the
+    # same codes and scales with a fraction of bitsandbytes' float32 temporaries (about 16 bytes per weight).
+    rows = max(1, CHUNK_WEIGHTS // w.shape[1])
+    codes, absmax = [], []
+    for part in w.split(rows):
+        packed, qs = quantize_4bit(part.contiguous(), blocksize=scheme.group_size, quant_type=scheme.format)
+        codes.append(unpack_4bit(packed, tuple(part.shape)))
+        absmax.append(qs.absmax.float())
+    codes, scales = torch.cat(codes), torch.cat(absmax)
+    nested = None
+    if scheme.double_quant:  # the scales in 8 bits, as bitsandbytes' compress_statistics stores them
+        nested = double_quantize(scales)
         scales = nested.dequantize()
-    else:
-        nested, scales = None, qs.absmax.float()
     return FourBitWeight(codes, scales, scheme.format, scheme.group_size, dtype, nested)
+
+
+CHUNK_WEIGHTS = 1 << 22
 
 
 def rtn_int8(weight: torch.Tensor, scheme: Int8) -> Int8Weight:

@@ -1,0 +1,470 @@
+"""Layer-streamed quantization: a model larger than memory, one decoder layer at a time.
+
+The model is built as a skeleton without memory (accelerate's ``init_empty_weights``:
+parameters on the meta device). Each decoder layer in turn is read from the checkpoint's
+safetensors files (``safe_open``, one tensor at a time), put on the compute device,
+quantized (round to nearest, or calibrated on the outputs of the quantized layers before
+it), run on the fixed probe input, and written to a work folder beside the output as
+one small safetensors file; then it is freed. Embeddings, the final norm and the head
+are handled the same way. Peak memory is one layer (plus the calibration activations),
+whatever the size of the model.
+
+The work folder (``.OUT.llmquant-partial-KEY``) makes runs resumable: a run stopped
+during layer 57 of 80 restarts from layer 57 with the same result. The final
+checkpoint is assembled from it tensor by tensor (:func:`write_safetensors`), in the
+same order and shards as the in-memory export, so both are the same bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import struct
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import _to
+from .errors import UserError
+
+# ---- safetensors, written one tensor at a time ----------------------------------------------
+
+# safetensors orders a file's tensors by dtype (this rank, highest first), then by name
+_DTYPE_RANK = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
+_ST_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+
+
+def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], get, metadata: dict | None = None) -> None:
+    """Write a safetensors file byte for byte as ``safetensors.torch.save_file`` would, holding one tensor at a time.
+
+    ``specs`` gives each tensor's dtype and shape; ``get(name)`` returns the tensor when its turn comes.
+    """
+    order = sorted(specs, key=lambda n: (-_DTYPE_RANK.index(_ST_DTYPES[specs[n][0]]), n))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for n in order:
+        dtype, shape = specs[n]
+        size = _nbytes(dtype, shape)
+        header[n] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for n in order:
+            t = get(n).detach().to("cpu").contiguous()
+            assert t.dtype == specs[n][0] and tuple(t.shape) == tuple(specs[n][1]), (n, t.dtype, t.shape, specs[n])
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _nbytes(dtype: torch.dtype, shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# ---- reading a checkpoint lazily -----------------------------------------------------------------
+
+
+class CheckpointReader:
+    """The tensors of a safetensors checkpoint (one file, or shards with an index), read one at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.where = json.loads(index.read_text())["weight_map"]
+            for f in sorted(set(self.where.values())):  # a damaged or missing shard fails now, with one line
+                self._keys(f)
+        else:
+            self.where = {k: "model.safetensors" for k in self._keys("model.safetensors")}
+        self._stack = ExitStack()
+        self._open: dict[str, object] = {}
+
+    def _handle(self, f: str):
+        from safetensors import safe_open
+
+        if f not in self._open:
+            self._open[f] = self._stack.enter_context(safe_open(str(self.folder / f), "pt"))
+        return self._open[f]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(self.where[name]).get_tensor(name)
+
+    def _keys(self, f: str) -> list[str]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.folder / f), "pt") as h:
+                return list(h.keys())
+        except Exception as e:
+            raise UserError(f"could not load model {self.folder}: {f} is damaged: {str(e).strip().splitlines()[0]}; "
+                            "download or save the checkpoint again") from None
+
+    def close(self) -> None:
+        self._stack.close()
+        self._stack = ExitStack()
+        self._open.clear()
+
+
+def stream_reason(src) -> str | None:
+    """Why ``src`` cannot be streamed from its files (None when it can)."""
+    if src.kind == "gguf":
+        return "a GGUF file is dequantized whole by transformers"
+    if src.kind == "folder":
+        folder = Path(src.location)
+        if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
+            return "the folder has no model.safetensors (nor a shard index)"
+    return None
+
+
+def local_folder(src) -> Path:
+    """The checkpoint's files on this machine (a Hub repository is downloaded once to the Hub cache)."""
+    if src.kind == "folder":
+        return Path(src.location)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(src.location, revision=src.revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:
+        raise UserError(f"could not download {src.describe()} from the Hub: {str(e).strip().splitlines()[0]}") from None
+
+
+def skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model without memory: parameters on the meta device, buffers computed from the config as usual."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # tied embeddings are one parameter, stored once (as from_pretrained leaves them)
+    return model.eval().requires_grad_(False)
+
+
+def state_names(model: nn.Module) -> list[str]:
+    """Parameters and persistent buffers, each once (a tied weight under its first name)."""
+    from .plan import _persistent_buffers
+
+    return [n for n, _ in model.named_parameters()] + [n for n, _ in _persistent_buffers(model)]
+
+
+def missing_tensors(model: nn.Module, reader: CheckpointReader) -> list[str]:
+    return [n for n in state_names(model) if n not in reader.where]
+
+
+def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device) -> None:
+    """Read a module's parameters and persistent buffers from the checkpoint onto ``device`` (in the skeleton's dtypes)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name in state_names(module):
+        full = f"{prefix}.{name}" if prefix else name
+        if full not in reader.where:
+            continue  # a tied weight, stored under the other module's name: tied again by the caller
+        owner, _, leaf = name.rpartition(".")
+        m = module.get_submodule(owner) if owner else module
+        old = m._parameters.get(leaf) if leaf in m._parameters else m._buffers.get(leaf)
+        value = reader.get(full).to(old.dtype)
+        set_module_tensor_to_device(module, name, device, value=value)
+
+
+# ---- the work folder ---------------------------------------------------------------------------------
+
+
+class WorkFolder:
+    """``.OUT.llmquant-partial-KEY`` beside the output: one file per finished step, each written atomically."""
+
+    def __init__(self, out: Path, key: str):
+        out = Path(out).absolute()
+        self.path = out.parent / f".{out.name}.llmquant-partial-{key}"
+
+    @staticmethod
+    def key(*parts) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def open(self) -> "WorkFolder":
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def done(self, step: str) -> bool:
+        return (self.path / f"{step}.safetensors").is_file()
+
+    def save(self, step: str, tensors: dict[str, torch.Tensor], record: dict) -> None:
+        """The step's checkpoint tensors (with their order) and what to remember of it, atomically."""
+        from safetensors.torch import save_file
+
+        tmp = self.path / f"{step}.tmp.safetensors"
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(tmp), metadata={"order": json.dumps(list(tensors)), "record": json.dumps(record)})
+        os.replace(tmp, self.path / f"{step}.safetensors")
+
+    def record(self, step: str) -> dict:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path / f"{step}.safetensors"), "pt") as f:
+            return json.loads(f.metadata()["record"])
+
+    def save_state(self, layer: int, state: dict) -> None:
+        """What the layer after ``layer`` starts from (calibration activations, the probe's hidden state)."""
+        tmp = self.path / "state.tmp.pt"
+        torch.save(state, tmp)
+        os.replace(tmp, self._state(layer))
+
+    def has_state(self, layer: int) -> bool:
+        return self._state(layer).is_file()
+
+    def load_state(self, layer: int) -> dict:
+        return torch.load(self._state(layer), weights_only=False)
+
+    def drop_state(self, layer: int) -> None:
+        self._state(layer).unlink(missing_ok=True)
+
+    def _state(self, layer: int) -> Path:
+        return self.path / f"state-after-{layer:05d}.pt"
+
+    def steps(self) -> list[str]:
+        return sorted(p.name.removesuffix(".safetensors") for p in self.path.glob("*.safetensors") if ".tmp." not in p.name)
+
+
+# ---- the streamed run --------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+class StreamedQuantizer:
+    """Quantize a skeleton model layer by layer from ``reader`` into ``work``; see the module docstring."""
+
+    def __init__(self, model: nn.Module, plan, reader: CheckpointReader, work: WorkFolder, device: torch.device,
+                 probe_ids: torch.Tensor, calibrator=None, progress: bool = True, log=print):
+        self.model, self.plan, self.reader, self.work = model, plan, reader, work
+        self.device, self.probe_ids, self.calibrator = device, probe_ids, calibrator
+        self.progress, self.log = progress, log
+        self.entries = {e.name: e for e in plan.entries if e.scheme is not None}
+        self.report: list[dict] = []
+        self.resumed_from = 0
+        self._chosen: dict = {}
+
+    def run(self) -> torch.Tensor:
+        """Quantize everything into the work folder; return the quantized model's logits on the probe input."""
+        from .calibrate import decoder_layers
+        from .export import collect_tensors
+
+        t0 = time.perf_counter()
+        _large_blocks_to_the_system()
+        stack_name, layers = decoder_layers(self.model)
+        n = len(layers)
+        prefixes = [f"{stack_name}.{i}" for i in range(n)]
+        start = 0
+        while start < n and self.work.done(f"layer-{start:05d}"):
+            start += 1
+        if start and self.work.has_state(start - 1):
+            state = self.work.load_state(start - 1)
+            self.report = [r for r in (self.work.record(f"layer-{i:05d}").get("report") for i in range(start)) if r]
+            self.resumed_from = start
+            self.log(f"resuming from decoder layer {start} of {n} ({self.work.path})")
+        else:
+            start, state = 0, self._first_inputs(layers)
+        if self.calibrator is not None:
+            self.calibrator._args, self.calibrator._kwargs = state["calib_args"], state["calib_kwargs"]
+        bar = tqdm(range(start, n), desc="quantizing", unit="layer", disable=not self.progress, initial=start, total=n)
+        for i in bar:
+            layer, prefix = layers[i], prefixes[i]
+            blank = copy.deepcopy(layer)  # still on the meta device: what the layer goes back to once written
+            materialize(layer, prefix, self.reader, self.device)
+            self.reader.close()  # unmap the shards: pages read stay out of this process's memory
+            record: dict = {}
+            if self.calibrator is not None:
+                rep = self.calibrator._layer(layer, prefix, [x.to(self.device) for x in state["inputs"]])
+                state["inputs"] = [x.cpu() for x in rep.pop("_outputs")]
+                record["report"] = rep
+                self.report.append(rep)
+                bar.set_postfix_str(f"layer {i}: output error {rep['layer_rel_error']:.3%}")
+            else:
+                self._quantize_plain(prefix)
+            state["probe"] = _call(layer, state["probe"].to(self.device), *state["probe_call"], self.device).cpu()
+            chosen = self.chosen()
+            tensors = collect_tensors(self.model, self.plan, chosen, under=prefix)
+            for name in [k for k in chosen if k.startswith(prefix + ".")]:
+                del chosen[name]  # written: the quantized model never accumulates in memory
+            layers[i] = blank
+            del layer
+            _give_memory_back()
+            self.work.save_state(i, state)
+            self.work.save(f"layer-{i:05d}", tensors, record)  # the layer counts as done once its state is safe
+            self.work.drop_state(i - 1)
+        logits = self._rest(layers, prefixes, state["probe"])
+        self.seconds = time.perf_counter() - t0
+        return logits
+
+    def chosen(self) -> dict:
+        """The chosen weights not yet written (the calibrator keeps its own)."""
+        return self.calibrator.chosen if self.calibrator is not None else self._chosen
+
+    def _quantize_plain(self, prefix: str) -> None:
+        from .quantize import install, quantize_layer
+
+        for name, e in self.entries.items():
+            if name.startswith(prefix + "."):
+                qw = quantize_layer(self.model.get_submodule(name), e, self.plan.model_dtype)
+                install(self.model, e, qw, self.plan.model_dtype)
+                self._chosen[name] = qw
+
+    def _outside(self, layers) -> list[str]:
+        """Modules holding tensors outside the decoder layers (embeddings, final norm, head), outermost names."""
+        inside = {id(m) for layer in layers for m in layer.modules()}
+        names = []
+        for n, m in self.model.named_modules():
+            if not n or id(m) in inside or any(n.startswith(p + ".") for p in names):
+                continue
+            if any(True for _ in m.parameters(recurse=False)) or any(
+                    b not in m._non_persistent_buffers_set for b, _ in m.named_buffers(recurse=False)):
+                names.append(n)
+        return names
+
+    def _materialize_outside(self, layers) -> list[str]:
+        outside = self._outside(layers)
+        for n in outside:
+            materialize(self.model.get_submodule(n), n, self.reader, self.device)
+        self.reader.close()
+        self.model.tie_weights()
+        return outside
+
+    def _first_inputs(self, layers) -> dict:
+        """Embed the probe (and the calibration windows): the first decoder layer's inputs and call arguments."""
+        outside = self._materialize_outside(layers)
+        try:
+            saved: dict = {}
+
+            def grab(module, a, kw):
+                saved["x"] = a[0] if a else kw["hidden_states"]
+                saved["call"] = (a[1:], {k: v for k, v in kw.items() if k != "hidden_states"})
+                raise _Stop
+
+            handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+            try:
+                with torch.no_grad():
+                    try:
+                        self.model(self.probe_ids.to(self.device), use_cache=False)
+                    except _Stop:
+                        pass
+            finally:
+                handle.remove()
+            state = {"probe": saved["x"].cpu(), "probe_call": _to(saved["call"], "cpu")}
+            if self.calibrator is not None:
+                inputs, args, kwargs = self.calibrator._capture_first_inputs(layers[0])
+                state.update(inputs=[x.cpu() for x in inputs], calib_args=_to(args, "cpu"), calib_kwargs=_to(kwargs, "cpu"))
+            return state
+        finally:
+            for n in outside:
+                _release(self.model, n)
+
+    def _rest(self, layers, prefixes, hidden) -> torch.Tensor:
+        """Everything outside the decoder layers: quantized (head) or copied, written; and the probe's logits."""
+        from .algorithms import ALGORITHMS
+        from .export import collect_tensors
+        from .quantize import install, layer_weight
+
+        outside = self._materialize_outside(layers)
+        chosen = self.chosen()
+        for name, e in self.entries.items():
+            if any(name.startswith(p + ".") for p in prefixes):
+                continue
+            method = "rtn" if ALGORITHMS[e.method].calibrated else e.method
+            if method != e.method:
+                self.log(f"{name}: outside the decoder layers, quantized with {method}")
+            qw = ALGORITHMS[method].quantize(layer_weight(self.model.get_submodule(name)).detach(), e.scheme, self.plan.model_dtype)
+            install(self.model, e, qw, self.plan.model_dtype)
+            chosen[name] = qw
+        logits = _logits_after_layers(self.model, layers, self.probe_ids.to(self.device), hidden.to(self.device))
+        self.work.save("rest", collect_tensors(self.model, self.plan, chosen, outside=prefixes), {})
+        for n in outside:
+            _release(self.model, n)
+        return logits
+
+
+def _call(layer, x, args, kwargs, device):
+    with torch.no_grad():
+        y = layer(x, *_to(args, device), **_to(kwargs, device))
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _release(model: nn.Module, name: str) -> None:
+    """Give a module's memory back: parameters and persistent buffers to the meta device."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    m = model.get_submodule(name)
+    for n in state_names(m):
+        set_module_tensor_to_device(m, n, "meta")
+
+
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def _large_blocks_to_the_system() -> None:
+    """glibc raises its mmap threshold each time a large block is freed, so the next layer's temporaries come
+    from the heap and stay counted in the process's memory once freed (measured: +400 MB per 1B-model layer).
+    A fixed threshold keeps every block of 1 MiB or more an mmap, returned to the system when freed."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def _give_memory_back() -> None:
+    """Return freed heap memory to the system after each layer."""
+    import gc
+
+    gc.collect()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+class _Replay(nn.Module):
+    """Stands in for all decoder layers: returns the hidden state the streamed layers computed."""
+
+    def __init__(self, hidden: torch.Tensor, like: nn.Module):
+        super().__init__()
+        self.hidden = hidden
+        self.attention_type = getattr(like, "attention_type", None)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.hidden
+
+
+def _logits_after_layers(model, layers: nn.ModuleList, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits on ``ids`` given its last decoder layer's output (the rest of the forward as usual)."""
+    from .calibrate import decoder_layers
+
+    stack_name, _ = decoder_layers(model)
+    owner, _, attr = stack_name.rpartition(".")
+    parent = model.get_submodule(owner) if owner else model
+    original = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList([_Replay(hidden, layers[0])]))
+    try:
+        with torch.no_grad():
+            return model(ids, use_cache=False).logits.float().cpu()
+    finally:
+        setattr(parent, attr, original)
