@@ -380,11 +380,12 @@ class ExportCheck:
         return self.__dict__.copy()
 
 
-def probe_summary(ids: torch.Tensor, logits: torch.Tensor, device: torch.device) -> dict:
-    """Per position: the most likely token, its logit and the log-sum-exp (enough to tell a broken reload)."""
+def probe_summary(ids: torch.Tensor, logits: torch.Tensor, device: torch.device, cpu_repacking: bool = True) -> dict:
+    """Per position: the most likely token, its logit and the log-sum-exp (enough to tell a broken reload), and
+    whether 4-bit layers computed with bitsandbytes' CPU repacking (bfloat16 on AVX512-BF16 CPUs) or without."""
     lg = logits[0].float()
     return {
-        "ids": ids[0].tolist(), "device": device.type,
+        "ids": ids[0].tolist(), "device": device.type, "cpu_repacking": cpu_repacking,
         "argmax": lg.argmax(-1).tolist(), "max": lg.amax(-1).tolist(), "logsumexp": torch.logsumexp(lg, -1).tolist(),
     }
 
@@ -439,6 +440,10 @@ def check_export_folder(folder: str | Path, require_passed: bool = True) -> dict
         model = load_export(folder, device, dtype)
     except Exception as e:  # a checkpoint transformers refuses: one line, not a traceback
         raise UserError(f"{folder} does not load: {str(e).strip().splitlines()[0]}") from None
+    if not probe.get("cpu_repacking", True):
+        from .backends.bnb import without_cpu_repacking
+
+        without_cpu_repacking(model)  # computed as the recorded outputs were
     try:
         tensors = _compare_with_files(model, folder, meta["layers"])
     except ExportCheckError as e:
@@ -509,15 +514,22 @@ def verify_export(folder: Path, model: nn.Module, plan: Plan, chosen: dict[str, 
     return _verify(folder, plan, ids, model_device(model), device_map, exact, lambda: logits_on(model, ids))
 
 
-def verify_streamed_export(folder: Path, plan: Plan, ids: torch.Tensor, logits: torch.Tensor, device) -> ExportCheck:
+def verify_streamed_export(folder: Path, plan: Plan, ids: torch.Tensor, logits: torch.Tensor, device,
+                           without_repacking: bool = False) -> ExportCheck:
     """:func:`verify_export` for a streamed run: the tensors compared with the files written from the chosen
     weights, the logits with those the quantized layers computed on ``ids`` while they were streamed."""
+    from .backends.bnb import without_cpu_repacking
+
     layers = [{"name": e.name, "format": e.label()} for e in plan.entries]
-    return _verify(folder, plan, ids, torch.device(device), None, lambda fresh: _compare_with_files(fresh, folder, layers),
-                   lambda: logits)
+    def exact(fresh):
+        if without_repacking:  # as the streamed layers computed ``logits``; no repacked copy of the weights in memory
+            without_cpu_repacking(fresh)
+        return _compare_with_files(fresh, folder, layers)
+
+    return _verify(folder, plan, ids, torch.device(device), None, exact, lambda: logits, not without_repacking)
 
 
-def _verify(folder: Path, plan: Plan, ids: torch.Tensor, device, device_map, exact, reference) -> ExportCheck:
+def _verify(folder: Path, plan: Plan, ids: torch.Tensor, device, device_map, exact, reference, cpu_repacking: bool = True) -> ExportCheck:
     t0 = time.perf_counter()
     try:
         fresh = load_export(folder, device, plan.model_dtype, device_map)
@@ -537,8 +549,8 @@ def _verify(folder: Path, plan: Plan, ids: torch.Tensor, device, device_map, exa
             f"the written checkpoint holds exactly the chosen tensors but does not compute like the quantized model: "
             f"max |logit difference| {diff:.3g} on a fixed input (tolerance {tol:.3g}, {attempts} attempts)"
         )
-    return ExportCheck(diff, tol, checked, time.perf_counter() - t0, probe_summary(ids, ref_logits[0], torch.device(device)),
-                       noise, attempts)
+    return ExportCheck(diff, tol, checked, time.perf_counter() - t0,
+                       probe_summary(ids, ref_logits[0], torch.device(device), cpu_repacking), noise, attempts)
 
 
 def _compare_layers(fresh: nn.Module, entries, chosen: dict[str, QuantizedWeight]) -> int:

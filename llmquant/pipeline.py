@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,8 @@ def _export(result: RunResult, src, t_write: float, t_start: float, log, write, 
         timings["total"] = time.perf_counter() - t_start
         results()
         write_records(tmp, result, src.describe())
+    for stale in out.absolute().parent.glob(f".{out.name}.llmquant-partial-*"):  # stopped runs of any recipe: superseded
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _stream_reader(recipe: Recipe, src, model, log):
@@ -198,8 +201,6 @@ def _stream_reader(recipe: Recipe, src, model, log):
 
 def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, console, log, progress, timings, t_start) -> RunResult:
     """``run`` for a model streamed layer by layer from its checkpoint (see :mod:`llmquant.stream`)."""
-    import shutil
-
     from .stream import StreamedQuantizer, WorkFolder
 
     m, out = recipe.model, Path(recipe.output.dir)
@@ -234,12 +235,11 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, console,
         _export(result, src, time.perf_counter(), t_start, log,
                 write=lambda tmp: write_streamed_checkpoint(tmp, work, model, tokenizer, plan, parse_size(recipe.output.max_shard_size),
                                                             extra_files={"recipe.yaml": recipe.to_yaml()}),
-                check=lambda tmp: verify_streamed_export(tmp, plan, ids, logits, device),
-                probe=lambda: probe_summary(ids, logits, device))
+                check=lambda tmp: verify_streamed_export(tmp, plan, ids, logits, device, streamer.lean_check),
+                probe=lambda: probe_summary(ids, logits, device, not streamer.lean_check))
     except ExportCheckError:
         shutil.rmtree(work.path, ignore_errors=True)  # everything it held is in the kept folder
         raise
-    shutil.rmtree(work.path, ignore_errors=True)
     print_summary(result, console)
     _push(recipe, out, console, log)
     return result

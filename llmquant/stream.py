@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .backends.bnb import without_cpu_repacking
 from .calibrate import _to
 from .errors import UserError
 
@@ -260,6 +261,8 @@ class StreamedQuantizer:
         self.report: list[dict] = []
         self.resumed_from = 0
         self._chosen: dict = {}
+        # whether the probe ran without bitsandbytes' CPU repacking (see run), so the check can too
+        self.lean_check = calibrator is None
 
     def run(self) -> torch.Tensor:
         """Quantize everything into the work folder; return the quantized model's logits on the probe input."""
@@ -267,7 +270,6 @@ class StreamedQuantizer:
         from .export import collect_tensors
 
         t0 = time.perf_counter()
-        _large_blocks_to_the_system()
         stack_name, layers = decoder_layers(self.model)
         n = len(layers)
         prefixes = [f"{stack_name}.{i}" for i in range(n)]
@@ -298,6 +300,10 @@ class StreamedQuantizer:
                 bar.set_postfix_str(f"layer {i}: output error {rep['layer_rel_error']:.3%}")
             else:
                 self._quantize_plain(prefix)
+                # The probe is the quantized layer's first forward: it computes from the stored 4-bit layout, as the
+                # check will compute the reloaded model, which then needs no repacked copy of its weights in memory.
+                # (A calibrator has already run the layer, repacked on AVX512-BF16 CPUs: the check then repacks too.)
+                without_cpu_repacking(layer)
             state["probe"] = _call(layer, state["probe"].to(self.device), *state["probe_call"], self.device).cpu()
             chosen = self.chosen()
             tensors = collect_tensors(self.model, self.plan, chosen, under=prefix)
@@ -325,6 +331,7 @@ class StreamedQuantizer:
                 qw = quantize_layer(self.model.get_submodule(name), e, self.plan.model_dtype)
                 install(self.model, e, qw, self.plan.model_dtype)
                 self._chosen[name] = qw
+                _give_memory_back()  # the quantizer's temporaries, before the next Linear's
 
     def _outside(self, layers) -> list[str]:
         """Modules holding tensors outside the decoder layers (embeddings, final norm, head), outermost names."""
@@ -392,6 +399,8 @@ class StreamedQuantizer:
             qw = ALGORITHMS[method].quantize(layer_weight(self.model.get_submodule(name)).detach(), e.scheme, self.plan.model_dtype)
             install(self.model, e, qw, self.plan.model_dtype)
             chosen[name] = qw
+        if self.lean_check:
+            without_cpu_repacking(self.model)
         logits = _logits_after_layers(self.model, layers, self.probe_ids.to(self.device), hidden.to(self.device))
         self.work.save("rest", collect_tensors(self.model, self.plan, chosen, outside=prefixes), {})
         for n in outside:
@@ -423,20 +432,10 @@ def _libc():
         return None
 
 
-def _large_blocks_to_the_system() -> None:
-    """glibc raises its mmap threshold each time a large block is freed, so the next layer's temporaries come
-    from the heap and stay counted in the process's memory once freed (measured: +400 MB per 1B-model layer).
-    A fixed threshold keeps every block of 1 MiB or more an mmap, returned to the system when freed."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-
-
 def _give_memory_back() -> None:
-    """Return freed heap memory to the system after each layer."""
-    import gc
-
-    gc.collect()
+    """Return freed heap memory to the system. glibc raises its mmap threshold each time a large block is
+    freed, so the next layer's temporaries come from the heap and, once freed, stay counted in the process's
+    memory (measured: +400 MB per layer of a 1B model) unless trimmed."""
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)

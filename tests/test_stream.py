@@ -129,6 +129,7 @@ def test_another_recipe_does_not_resume_a_foreign_work_folder(tiny_dirs, tmp_pat
     monkeypatch.undo()
     res = quiet(make_recipe(model_dir, tmp_path / "out", "gptq", calib_file))
     assert res.resumed_from == 0
+    assert not list(tmp_path.glob(".out.llmquant-partial-*"))  # a finished export supersedes stopped runs
 
 
 def peak_rss_of(cmd: list[str], **kw) -> tuple[int, subprocess.CompletedProcess]:

@@ -151,6 +151,20 @@ def cpu_packed(module: nn.Module) -> bool:
     return bool(getattr(qs, "packing_format_for_cpu", False))
 
 
+def without_cpu_repacking(model: nn.Module) -> nn.Module:
+    """Have the 4-bit layers compute from their stored layout on the CPU (no AVX512-BF16 repacked copy).
+
+    The repacked copy is a second copy of every 4-bit weight in memory; a check that only needs a few
+    tokens computed the same way on both sides does without it.
+    """
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
 # ---- keeping 4-bit layers exact across bitsandbytes' CPU repacking ------------------------
 
 
