@@ -246,13 +246,16 @@ def write_streamed_checkpoint(folder: Path, work, model: nn.Module, tokenizer, p
     bytes, read one tensor at a time."""
     from safetensors import safe_open
 
+    from .stream import _ST_DTYPES
+
+    torch_dtype = {name: dt for dt, name in _ST_DTYPES.items()}
     where, order, specs = {}, [], {}
     for step in work.steps():
         path = work.path / f"{step}.safetensors"
         with safe_open(str(path), "pt") as h:
             for k in json.loads(h.metadata()["order"]):
                 sl = h.get_slice(k)
-                where[k], specs[k] = path, (_TORCH_DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
+                where[k], specs[k] = path, (torch_dtype[sl.get_dtype()], tuple(sl.get_shape()))
                 order.append(k)
     # the in-memory export's order: every planned layer's tensors, then the other tensors
     rank = {e.name: i for i, e in enumerate(plan.entries)}
@@ -270,8 +273,6 @@ def write_streamed_checkpoint(folder: Path, work, model: nn.Module, tokenizer, p
     return shards
 
 
-_TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
-                 "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "F64": torch.float64, "I64": torch.int64}
 
 
 def _entry_of(key: str, rank: dict[str, int]) -> str:
