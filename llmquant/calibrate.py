@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .algorithms import ALGORITHMS
 from .algorithms.awq import apply_scales, reader_scales, scaling_groups, search_scales
 from .algorithms.scale_search import LayerStats
@@ -109,6 +110,14 @@ class SequentialCalibrator:
         self.entries = {e.name: e for e in plan.entries if e.scheme is not None}
         self.chosen: dict[str, QuantizedWeight] = {}
         self.report: list[dict] = []
+        self._turn = 0  # with several processes: whose turn it is to make the next decision
+
+    def _decide(self, make):
+        """``make()``'s result, computed by one process in turn and sent to the others (or here, alone)."""
+        if not distributed.active():
+            return make()
+        owner, self._turn = self._turn % distributed.world_size(), self._turn + 1
+        return distributed.from_rank(make() if distributed.rank() == owner else None, owner)
 
     # ---- running one decoder layer on all calibration windows -------------------------------
 
@@ -126,7 +135,7 @@ class SequentialCalibrator:
         handle = first.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.no_grad():
-                for w in self.windows:
+                for w in self.windows[distributed.share(len(self.windows))]:  # all of them in one process
                     try:
                         self.model(w.unsqueeze(0).to(self._input_device()), use_cache=False)
                     except _Stop:
@@ -204,6 +213,8 @@ class SequentialCalibrator:
         finally:
             for h in hooks:
                 h.remove()
+        if distributed.active():
+            _combine(stats, keep)
         return stats, groups, outs
 
     # ---- the whole model -------------------------------------------------------------------
@@ -272,8 +283,9 @@ class SequentialCalibrator:
             schemes = [e.scheme if e is not None else None for e in entries]
             sample = torch.cat(st.sample) if st.sample else None
             int8 = any(isinstance(sc, Int8) for sc in schemes)  # activation maxima matter for LLM.int8
-            s, alpha, ratio = search_scales(weights, schemes, st.hessian, st.abs_mean, sample, self.spec.awq.grid,
-                                            st.abs_max if int8 else None, sg.expand)
+            s, alpha, ratio = self._decide(lambda: search_scales(weights, schemes, st.hessian, st.abs_mean, sample, self.spec.awq.grid,
+                                                                 st.abs_max if int8 else None, sg.expand))
+            s = s.to(weights[0].device)
             if alpha > 0:
                 apply_scales(self.model, sg, s)
                 rs = reader_scales(s, sg.expand)
@@ -297,19 +309,47 @@ class SequentialCalibrator:
                     qws = [ALGORITHMS["rtn"].quantize(layer_weight(modules[0]).detach(), e.scheme, self.plan.model_dtype)]
                 else:
                     ws = [layer_weight(m).detach() for m in modules]
-                    qws = algo.quantize_many(ws, e.scheme, self.plan.model_dtype, LayerStats(st.hessian, st.tokens, options))
-                    for n, w, qw in zip(batch, ws, qws):
-                        report.setdefault("linear_rel_error", {})[n.removeprefix(prefix + ".")] = _rel_error(w.float(), qw, st.hessian)
+
+                    def solve():
+                        qws = algo.quantize_many(ws, e.scheme, self.plan.model_dtype, LayerStats(st.hessian, st.tokens, options))
+                        return qws, [_rel_error(w.float(), qw, st.hessian) for w, qw in zip(ws, qws)]
+
+                    qws, errs = self._decide(solve)
+                    for n, err in zip(batch, errs):
+                        report.setdefault("linear_rel_error", {})[n.removeprefix(prefix + ".")] = err
                 for n, qw in zip(batch, qws):
                     install(self.model, self.entries[n], qw, self.plan.model_dtype)
                     self.chosen[n] = qw
 
         quant_out = self._run_layer(layer, inputs)
-        num = sum(((q.float() - f.float()) ** 2).sum() for q, f in zip(quant_out, float_out))
-        den = sum((f.float() ** 2).sum() for f in float_out)
+        num = distributed.sum_(torch.as_tensor(sum(((q.float() - f.float()) ** 2).sum() for q, f in zip(quant_out, float_out))))
+        den = distributed.sum_(torch.as_tensor(sum((f.float() ** 2).sum() for f in float_out)))
         report["layer_rel_error"] = (num / den).sqrt().item()
         report["_outputs"] = quant_out
         return report
+
+
+def _combine(stats: dict[str, _Inputs], keep: int) -> None:
+    """Every process's statistics summed (maxima: the maximum; AWQ's sample: the first ``keep`` tokens in window
+    order, the processes holding consecutive windows), so each holds what one process would measure on all."""
+    names = sorted(stats)
+    if any(other != names for other in distributed.gather(names)):
+        raise UserError("the calibration windows reached different layers in different processes (routed experts?); "
+                        "run this model as one process")
+    done: set[int] = set()
+    for n in names:
+        st = stats[n]
+        if id(st) in done:
+            continue
+        done.add(id(st))
+        distributed.sum_(st.h)
+        st.tokens = int(distributed.sum_(torch.tensor([float(st.tokens)], dtype=torch.float64, device=st.h.device)).item())
+        if keep:
+            distributed.sum_(st.abs_sum)
+            distributed.max_(st.abs_max)
+            parts = [x for sample in distributed.gather([x.cpu() for x in st.sample]) for x in sample]
+            st.sample = [torch.cat(parts)[:keep].to(st.h.device)] if parts else []
+            st.sampled = sum(len(x) for x in st.sample)
 
 
 def _batch_key(e: PlanEntry):

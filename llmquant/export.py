@@ -29,6 +29,7 @@ from .backends.bnb import checkpoint_tensors, pack_4bit
 from .errors import ExportCheckError, UserError
 from .plan import Plan
 from .quantized import FourBitWeight, Int8Weight, KeptWeight, QuantizedWeight
+from .schemes import FourBit, Int8
 
 MARKER_FILE = "llmquant.json"  # marks a folder llmquant wrote; only such folders are ever replaced
 PROBE_TEXT = (
@@ -462,20 +463,22 @@ def check_export_folder(folder: str | Path, require_passed: bool = True) -> dict
     return {"checkpoint": ck, "meta": meta, "tensors_checked": tensors, "max_abs_logit_diff": worst, "tolerance": tol}
 
 
-def _compare_with_files(fresh: nn.Module, folder: Path, layers: list[dict]) -> int:
-    """Every tensor in the safetensors files, as the reloaded model holds it (one layer read at a time, the files
-    closed after each, so a big checkpoint never sits in memory)."""
+def _compare_with_files(fresh: nn.Module, folder: Path, layers: list[dict], keep=None, files=None, schemes=None) -> int:
+    """Every tensor in the safetensors files (those ``keep(name)`` accepts), as the reloaded model holds it (one
+    layer read at a time, the files closed after each, so a big checkpoint never sits in memory); with
+    ``schemes`` (layer name -> the planned format), each layer must be stored in its planned format."""
     from types import SimpleNamespace
 
     from .backends.bnb import read_weight
     from .stream import CheckpointReader
 
-    files = CheckpointReader(folder)
+    files = files or CheckpointReader(folder)
+    wanted = [k for k in files.where if keep is None or keep(k)]
     n = 0
     planned: set[str] = set()
     by_layer: dict[str, list[str]] = {}
     names = {l["name"] for l in layers if l["format"] != "unchanged"}
-    for k in files.where:
+    for k in wanted:
         owner = k.rsplit(".", 1)[0]
         while owner and owner not in names:
             owner = owner.rpartition(".")[0]
@@ -486,10 +489,12 @@ def _compare_with_files(fresh: nn.Module, folder: Path, layers: list[dict]) -> i
         qw = read_weight({k[len(name) + 1:]: files.get(k) for k in keys})
         if isinstance(qw, KeptWeight) and type(fresh.get_submodule(name)) is not nn.Linear:
             qw = KeptWeight(qw.weight.t())  # GPT-2's Conv1D stores [in, out]
+        if schemes is not None and name in schemes and not _stored_as(qw, schemes[name]):
+            raise ExportCheckError(f"{name} is not stored in its planned format {schemes[name].label()}")
         n += _compare_layers(fresh, [SimpleNamespace(name=name)], {name: qw})
         files.close()
     ours = dict(fresh.named_parameters(remove_duplicate=False)) | dict(fresh.named_buffers(remove_duplicate=False))
-    for k in files.where:
+    for k in wanted:
         if k in planned:
             continue
         if k not in ours or not _same_values(ours[k], files.get(k)):
@@ -497,6 +502,15 @@ def _compare_with_files(fresh: nn.Module, folder: Path, layers: list[dict]) -> i
         files.close()
         n += 1
     return n
+
+
+def _stored_as(qw: QuantizedWeight, scheme) -> bool:
+    if isinstance(scheme, FourBit):
+        return (isinstance(qw, FourBitWeight) and qw.quant_type == scheme.format and qw.group_size == scheme.group_size
+                and (qw.nested is not None) == scheme.double_quant)
+    if isinstance(scheme, Int8):
+        return isinstance(qw, Int8Weight)
+    return isinstance(qw, KeptWeight) and qw.weight.dtype == scheme.dtype
 
 
 def verify_export(folder: Path, model: nn.Module, plan: Plan, chosen: dict[str, QuantizedWeight], ids: torch.Tensor) -> ExportCheck:
@@ -512,38 +526,61 @@ def verify_export(folder: Path, model: nn.Module, plan: Plan, chosen: dict[str, 
     def exact(fresh):
         return _compare_layers(fresh, plan.entries, chosen) + _compare_float_tensors(fresh, model, {e.name for e in plan.entries if e.name in chosen})
 
-    return _verify(folder, plan, ids, model_device(model), device_map, exact, lambda: logits_on(model, ids))
+    return _verify(folder, plan, ids, model_device(model), lambda: load_export(folder, model_device(model), plan.model_dtype, device_map),
+                   exact, lambda fresh: logits_on(fresh, ids), lambda: logits_on(model, ids))
 
 
 def verify_streamed_export(folder: Path, plan: Plan, ids: torch.Tensor, logits: torch.Tensor, device,
                            without_repacking: bool = False) -> ExportCheck:
-    """:func:`verify_export` for a streamed run: the tensors compared with the files written from the chosen
-    weights, the logits with those the quantized layers computed on ``ids`` while they were streamed."""
-    from .backends.bnb import without_cpu_repacking
+    """:func:`verify_export` for a streamed run, which never holds the whole quantized model either: the
+    checkpoint is reloaded one decoder layer at a time (:class:`~llmquant.stream.LayeredReload`), each layer's
+    tensors compared with the files, and the logits it computes with those the quantized layers computed on
+    ``ids`` while they were streamed (``without_repacking``: both without bitsandbytes' CPU repacking)."""
+    from .stream import LayeredReload
 
     layers = [{"name": e.name, "format": e.label()} for e in plan.entries]
-    def exact(fresh):
-        if without_repacking:  # as the streamed layers computed ``logits``; no repacked copy of the weights in memory
-            without_cpu_repacking(fresh)
-        return _compare_with_files(fresh, folder, layers)
+    schemes = {e.name: e.scheme for e in plan.entries if e.scheme is not None}
+    first: list[torch.Tensor] = []
 
-    return _verify(folder, plan, ids, torch.device(device), None, exact, lambda: logits, not without_repacking)
+    def exact(reload):
+        n = [0]
+        others = tuple(f"{reload.stack}.{i}." for i in range(1, len(reload.layers)))
+
+        def compare(model, prefix):
+            keep = (lambda k: not k.startswith(others)) if prefix is None else (lambda k: k.startswith(prefix + "."))
+            n[0] += _compare_with_files(model, folder, layers, keep, reload.reader, schemes)
+
+        first.append(reload.run(ids, compare))
+        return n[0]
+
+    def candidate(reload):
+        return first.pop() if first else reload.run(ids)
+
+    return _verify(folder, plan, ids, torch.device(device),
+                   lambda: LayeredReload(folder, plan.model_dtype, device, without_repacking), exact, candidate,
+                   lambda: logits, not without_repacking)
 
 
-def _verify(folder: Path, plan: Plan, ids: torch.Tensor, device, device_map, exact, reference, cpu_repacking: bool = True) -> ExportCheck:
+def _verify(folder: Path, plan: Plan, ids: torch.Tensor, device, load, exact, candidate, reference,
+            cpu_repacking: bool = True) -> ExportCheck:
     t0 = time.perf_counter()
     try:
-        fresh = load_export(folder, device, plan.model_dtype, device_map)
+        fresh = load()
     except Exception as e:
         raise ExportCheckError(f"the written checkpoint does not load: {type(e).__name__}: {str(e).strip()[:300]}") from None
-    checked = exact(fresh)
+    try:
+        checked = exact(fresh)
+    except ExportCheckError:
+        raise
+    except Exception as e:  # a layer loaded later (streamed check), or tensors bitsandbytes cannot read
+        raise ExportCheckError(f"the written checkpoint does not load: {type(e).__name__}: {str(e).strip()[:300]}") from None
     ref_logits: list[torch.Tensor] = []
 
     def remembered():
         ref_logits.append(reference())
         return ref_logits[-1]
 
-    diff, tol, noise, attempts = compare_logits(remembered, lambda: logits_on(fresh, ids), plan.model_dtype)
+    diff, tol, noise, attempts = compare_logits(remembered, lambda: candidate(fresh), plan.model_dtype)
     del fresh
     if not diff <= tol:
         raise ExportCheckError(

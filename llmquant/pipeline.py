@@ -5,6 +5,7 @@ recipe -> model -> plan -> weights chosen -> layers swapped -> written -> reload
 
 from __future__ import annotations
 
+import io
 import json
 import platform
 import shutil
@@ -16,7 +17,7 @@ import torch
 from rich.console import Console
 
 from . import __version__
-from . import card
+from . import card, distributed
 from . import results as results_mod
 from .checkpoint import file_digests
 from .data import load_text
@@ -54,6 +55,12 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, p
     """Run a recipe. Plans and summaries go to ``console`` (stdout), progress notes to stderr."""
     console = console or make_console()
     log = make_console(stderr=True)
+    if distributed.launched() and not dry_run:
+        return _run_distributed(recipe, console, log, progress)
+    return _run(recipe, dry_run, console, log, progress)
+
+
+def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: torch.device | None = None) -> RunResult:
     timings: dict[str, float] = {}
     out = Path(recipe.output.dir)
     if not dry_run:
@@ -85,8 +92,12 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, p
         console.print(f"estimated checkpoint size: {human_bytes(plan.file_bytes_estimate())}")
         return RunResult(recipe, plan, timings=timings)
     reader = _stream_reader(recipe, src, frame, log)
+    if distributed.active() and (reader is None or not needs_calibration(plan)):
+        raise UserError("a run over several processes shares out calibration windows of a streamed model: "
+                        + ("this recipe calibrates nothing" if reader is not None else "this one loads the whole model (see above)")
+                        + "; run it as one process")
     if reader is not None:
-        return _run_streamed(recipe, src, frame, plan, reader, calib_text, console, log, progress, timings, t_start)
+        return _run_streamed(recipe, src, frame, plan, reader, calib_text, console, log, progress, timings, t_start, device)
     del frame
     log.print(f"loading {src.describe()} ...")
     model, tokenizer = load_model(src, m.dtype, recipe.device, m.trust_remote_code, allow_pickle=m.allow_pickle)
@@ -199,14 +210,29 @@ def _stream_reader(recipe: Recipe, src, model, log):
     return None
 
 
-def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, console, log, progress, timings, t_start) -> RunResult:
+def _run_distributed(recipe: Recipe, console, log, progress: bool) -> RunResult:
+    """``run`` in one of the processes torchrun / accelerate launch started: calibration shared out among them
+    (see :mod:`llmquant.distributed`); process 0 reports, writes and checks, the others only calibrate."""
+    device = distributed.start(pick_device(recipe.device))
+    try:
+        if distributed.rank() != 0:
+            console = log = Console(file=io.StringIO())
+            progress = False
+        return _run(recipe, False, console, log, progress, device)
+    finally:
+        distributed.stop()
+
+
+def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, console, log, progress, timings, t_start,
+                  device: torch.device | None = None) -> RunResult:
     """``run`` for a model streamed layer by layer from its checkpoint (see :mod:`llmquant.stream`)."""
     from .stream import StreamedQuantizer, WorkFolder
 
     m, out = recipe.model, Path(recipe.output.dir)
-    log.print(f"streaming {src.describe()} layer by layer ...")
+    log.print(f"streaming {src.describe()} layer by layer"
+              + (f" in {distributed.world_size()} processes ..." if distributed.active() else " ..."))
     tokenizer = load_tokenizer(src, m.trust_remote_code)
-    device = pick_device(recipe.device)
+    device = device or pick_device(recipe.device)
     ids = probe_ids(tokenizer, model.config.get_text_config().vocab_size)
     timings["load"] = time.perf_counter() - t_start
     t = time.perf_counter()
@@ -224,6 +250,9 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, console,
     finally:
         reader.close()
     timings["quantize"] = time.perf_counter() - t
+    if distributed.rank() != 0:
+        return RunResult(recipe, plan, None, timings=timings, streamed=True, resumed_from=streamer.resumed_from)
+    distributed.stop()  # the others are done; writing and checking are process 0's alone
     calibration_report = None
     if calibrator is not None:
         calibrator.report, calibrator.seconds = streamer.report, streamer.seconds

@@ -30,9 +30,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .backends.bnb import without_cpu_repacking
 from .calibrate import _to
 from .errors import UserError
+from .plan import LLMQUANT_METHOD
 
 # ---- safetensors, written one tensor at a time ----------------------------------------------
 
@@ -222,7 +224,7 @@ class WorkFolder:
 
     def save_state(self, layer: int, state: dict) -> None:
         """What the layer after ``layer`` starts from (calibration activations, the probe's hidden state)."""
-        tmp = self.path / "state.tmp.pt"
+        tmp = self.path / f"state{self._who()}.tmp.pt"
         torch.save(state, tmp)
         os.replace(tmp, self._state(layer))
 
@@ -236,7 +238,13 @@ class WorkFolder:
         self._state(layer).unlink(missing_ok=True)
 
     def _state(self, layer: int) -> Path:
-        return self.path / f"state-after-{layer:05d}.pt"
+        return self.path / f"state-after-{layer:05d}{self._who()}.pt"
+
+    @staticmethod
+    def _who() -> str:
+        """Each process of a distributed run keeps its own share of the activations."""
+        w = distributed.world_size()
+        return f".rank{distributed.rank()}of{w}" if w > 1 else ""
 
     def steps(self) -> list[str]:
         return sorted(p.name.removesuffix(".safetensors") for p in self.path.glob("*.safetensors") if ".tmp." not in p.name)
@@ -276,7 +284,11 @@ class StreamedQuantizer:
         start = 0
         while start < n and self.work.done(f"layer-{start:05d}"):
             start += 1
-        if start and self.work.has_state(start - 1):
+        if start and not self.work.has_state(start - 1):
+            start = 0
+        if distributed.min_int(start) != start or distributed.min_int(-start) != -start:
+            start = 0  # the processes of a distributed run resume together or not at all
+        if start:
             state = self.work.load_state(start - 1)
             self.report = [r for r in (self.work.record(f"layer-{i:05d}").get("report") for i in range(start)) if r]
             self.resumed_from = start
@@ -313,8 +325,13 @@ class StreamedQuantizer:
             del layer
             _give_memory_back()
             self.work.save_state(i, state)
-            self.work.save(f"layer-{i:05d}", tensors, record)  # the layer counts as done once its state is safe
+            if distributed.rank() == 0:
+                self.work.save(f"layer-{i:05d}", tensors, record)  # the layer counts as done once its state is safe
             self.work.drop_state(i - 1)
+        distributed.barrier()
+        if distributed.rank() != 0:
+            self.seconds = time.perf_counter() - t0
+            return None  # process 0 writes and checks
         logits = self._rest(layers, prefixes, state["probe"])
         self.seconds = time.perf_counter() - t0
         return logits
@@ -453,11 +470,11 @@ class _Replay(nn.Module):
         return self.hidden
 
 
-def _logits_after_layers(model, layers: nn.ModuleList, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def _logits_after_layers(model, layers: nn.ModuleList, ids: torch.Tensor, hidden: torch.Tensor, stack_name: str | None = None) -> torch.Tensor:
     """The model's logits on ``ids`` given its last decoder layer's output (the rest of the forward as usual)."""
     from .calibrate import decoder_layers
 
-    stack_name, _ = decoder_layers(model)
+    stack_name = stack_name or decoder_layers(model)[0]
     owner, _, attr = stack_name.rpartition(".")
     parent = model.get_submodule(owner) if owner else model
     original = getattr(parent, attr)
@@ -467,3 +484,150 @@ def _logits_after_layers(model, layers: nn.ModuleList, ids: torch.Tensor, hidden
             return model(ids, use_cache=False).logits.float().cpu()
     finally:
         setattr(parent, attr, original)
+
+
+# ---- the written checkpoint, reloaded one layer at a time ---------------------------------------
+
+
+class LayeredReload:
+    """A written checkpoint reloaded as plain transformers loads it, but one decoder layer at a time.
+
+    ``from_pretrained`` loads the model cut to its first decoder layer (config ``num_hidden_layers=1``): the
+    config, the ``quantization_config``, the embeddings, the final norm, the head and layer 0 go through
+    transformers' own loading, which must find every tensor it expects (the other layers' tensors are the only
+    ones it may leave). Every other layer is built as transformers builds it (its quantizer turns a skeleton's
+    Linear layers into the checkpoint's bitsandbytes modules) and filled from the files with the deserializers
+    transformers calls (``Params4bit.from_prequantized``, ``Int8Params`` with ``SCB``), run, and freed.
+    Memory: the model outside its decoder layers, plus one layer.
+    """
+
+    def __init__(self, folder: Path, dtype: torch.dtype, device, without_repacking: bool = False):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.quantizers.auto import AutoHfQuantizer
+        from transformers.utils import logging as hf_logging
+
+        from . import hf_integration  # noqa: F401  (registers the llmquant format)
+        from .calibrate import decoder_layers
+
+        self.folder, self.device, self.without_repacking = Path(folder), torch.device(device), without_repacking
+        config = AutoConfig.from_pretrained(str(folder))
+        self.skeleton = skeleton(config, dtype)  # with the checkpoint's quantization_config, as transformers builds it
+        self.stack, self.layers = decoder_layers(self.skeleton)
+        quantizer = AutoHfQuantizer.from_config(config.quantization_config, pre_quantized=True)
+        quantizer.preprocess_model(model=self.skeleton, dtype=dtype, device_map={"": str(self.device)},
+                                   checkpoint_files=None, use_kernels=False)
+        first = copy.deepcopy(config)
+        first.num_hidden_layers = 1
+        if isinstance(getattr(first, "layer_types", None), list):
+            first.layer_types = first.layer_types[:1]
+        others = tuple(f"{self.stack}.{i}." for i in range(1, len(self.layers)))
+        qcfg = first.quantization_config
+        if isinstance(qcfg, dict) and qcfg.get("quant_method") == LLMQUANT_METHOD:  # names only layers it has
+            first.quantization_config = {**qcfg, "groups": [{**g, "modules": [m for m in g["modules"] if not m.startswith(others)]}
+                                                            for g in qcfg.get("groups", [])]}
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the other layers' tensors are reported as unexpected: they are
+        try:
+            self.model, info = AutoModelForCausalLM.from_pretrained(
+                str(folder), config=first, dtype=dtype, device_map={"": str(self.device)}, output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        problems = [f"missing {k}" for k in info.get("missing_keys", [])]
+        problems += [f"wrong shape {k[0] if isinstance(k, tuple) else k}" for k in info.get("mismatched_keys", [])]
+        problems += [f"unexpected {k}" for k in info.get("unexpected_keys", []) if not k.startswith(others)]
+        if problems:
+            raise ValueError(f"{len(problems)} tensor(s) not as the model expects, e.g. {', '.join(sorted(problems)[:3])}")
+        self.model.eval()
+        if without_repacking:
+            without_cpu_repacking(self.model)
+        self.reader = CheckpointReader(self.folder)
+
+    def load_layer(self, i: int) -> nn.Module:
+        """Decoder layer ``i`` built and filled as transformers would (on the meta device until now)."""
+        import bitsandbytes as bnb
+        from accelerate.utils import set_module_tensor_to_device
+
+        if i == 0:
+            return self.model.get_submodule(self.stack)[0]
+        prefix = f"{self.stack}.{i}"
+        layer = self.layers[i]
+        # what goes back in place once the layer has run (bitsandbytes' parameters cannot be deep-copied on meta)
+        self._blank = [(m, store, k, getattr(m, store)[k]) for m in layer.modules()
+                       for store in ("_parameters", "_buffers") for k in getattr(m, store) if getattr(m, store)[k] is not None]
+        filled = set()
+        for name, m in layer.named_modules():
+            full = f"{prefix}.{name}" if name else prefix
+            if isinstance(m, bnb.nn.Linear4bit):
+                stats = {k[len(full) + 1:]: self.reader.get(k).to(self.device) for k in self._keys(full + ".weight.")}
+                m._parameters["weight"] = bnb.nn.Params4bit.from_prequantized(
+                    self.reader.get(full + ".weight").to(self.device), stats, requires_grad=False, device=self.device, module=m)
+            elif isinstance(m, bnb.nn.Linear8bitLt):
+                kw = dict(m.weight.__dict__)
+                kw["SCB"] = self.reader.get(full + ".SCB").to(self.device)
+                m._parameters["weight"] = bnb.nn.Int8Params(self.reader.get(full + ".weight").to(self.device), requires_grad=False,
+                                                            **kw).to(self.device)  # sets CB, as in transformers
+            else:
+                continue
+            filled.add(f"{name}.weight" if name else "weight")
+        for name in state_names(layer):
+            if name in filled:
+                continue
+            full = f"{prefix}.{name}"
+            owner, _, leaf = name.rpartition(".")
+            m = layer.get_submodule(owner) if owner else layer
+            old = m._parameters.get(leaf) if leaf in m._parameters else m._buffers.get(leaf)
+            if full not in self.reader.where:
+                raise ValueError(f"tensor {full} is not in the files")
+            set_module_tensor_to_device(layer, name, self.device, value=self.reader.get(full).to(old.dtype))
+        self.reader.close()
+        layer.eval()
+        if self.without_repacking:
+            without_cpu_repacking(layer)
+        return layer
+
+    def _keys(self, start: str) -> list[str]:
+        return [k for k in self.reader.where if k.startswith(start)]
+
+    def run(self, ids: torch.Tensor, compare=None) -> torch.Tensor:
+        """Logits on ``ids``, computed one reloaded layer at a time. ``compare(model, prefix)``, when given, is
+        called with each layer in place (``prefix`` None: the model outside layers 1..N-1)."""
+        first = self.model.get_submodule(self.stack)
+        saved: dict = {}
+
+        def grab(module, a, kw):
+            saved["x"] = a[0] if a else kw["hidden_states"]
+            saved["call"] = (a[1:], {k: v for k, v in kw.items() if k != "hidden_states"})
+            raise _Stop
+
+        if compare is not None:
+            compare(self.model, None)
+        handle = first[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                try:
+                    self.model(ids.to(self.device), use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        hidden = _call(first[0], saved["x"], *saved["call"], self.device)
+        for i in range(1, len(self.layers)):
+            layer = self.load_layer(i)
+            try:
+                if compare is not None:
+                    compare(self.skeleton, f"{self.stack}.{i}")
+                hidden = _call(layer, hidden, *saved["call"], self.device)
+            finally:
+                for m, store, k, v in self._blank:
+                    getattr(m, store)[k] = v
+                for m in layer.modules():  # what the loading and the forward attached to the modules
+                    if getattr(m, "quant_state", None) is not None:
+                        m.quant_state = None  # Params4bit.from_prequantized: the layer's scales
+                    if getattr(getattr(m, "state", None), "CB", None) is not None:
+                        m.state.CB = m.state.SCB = None  # Linear8bitLt's forward: the int8 weight and its scales
+            del layer
+            _give_memory_back()
+        return _logits_after_layers(self.model, first, ids.to(self.device), hidden, self.stack)
+
+    def close(self) -> None:
+        self.reader.close()

@@ -8,7 +8,10 @@ sharded bfloat16 safetensors, then measures, each in its own subprocess under
 * ``llmquant run`` with ``default: nf4`` (block 64), ``method: rtn`` (streamed layer by layer);
 * stock bitsandbytes: ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit))``
   then ``save_pretrained``;
-* with ``--gptq``, ``llmquant run`` with GPTQ NF4 on calibration windows of the demo text.
+* with ``--gptq``, ``llmquant run`` with GPTQ NF4 on calibration windows of the demo text;
+* with ``--gptq --processes N``, the same GPTQ run over N processes (``torchrun``, data-parallel calibration; gloo on
+  the CPU, nccl on GPUs), its export compared with the one-process export (4-bit codes that differ, largest scale
+  difference) and its speedup.
 
 Prints a table of wall time, peak RSS and peak RSS / checkpoint bytes. Not a test: figures.
 
@@ -87,6 +90,8 @@ def main() -> None:
     ap.add_argument("--gptq", action="store_true", help="also GPTQ NF4 (calibrated, streamed)")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--processes", type=int, default=1, help="with --gptq: also run it over this many processes")
+    ap.add_argument("--no-rtn", action="store_true")
     ap.add_argument("--no-stock", action="store_true")
     ap.add_argument("--workdir", help="keep the model and outputs here (default: a temporary folder)")
     a = ap.parse_args()
@@ -98,15 +103,16 @@ def main() -> None:
         build(model, a)
     ckpt = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     n_shards = len(list(model.glob("*.safetensors")))
-    rows = []
+    rows, notes = [], []
 
     def recipe(name: str, extra: str) -> Path:
         r = root / f"{name}.yaml"
         r.write_text(f"model: {{source: {model}}}\ndevice: {a.device}\noutput: {{dir: {root / name}, overwrite: true}}\n{extra}")
         return r
 
-    rtn = measure([sys.executable, "-m", "llmquant", "run", str(recipe("rtn", "quantization: {default: nf4, method: rtn}\n")), "--quiet"])
-    rows.append(("llmquant run, nf4 g64, rtn (streamed)", rtn, json.loads((root / "rtn" / "llmquant.json").read_text())["timings_seconds"]))
+    if not a.no_rtn:
+        rtn = measure([sys.executable, "-m", "llmquant", "run", str(recipe("rtn", "quantization: {default: nf4, method: rtn}\n")), "--quiet"])
+        rows.append(("llmquant run, nf4 g64, rtn (streamed)", rtn, json.loads((root / "rtn" / "llmquant.json").read_text())["timings_seconds"]))
     if not a.no_stock:
         stock = measure([sys.executable, "-c", STOCK, str(model), str(root / "stock"), a.device])
         rows.append(("stock bitsandbytes: load_in_4bit nf4 + save_pretrained", stock, None))
@@ -116,6 +122,13 @@ def main() -> None:
         g = measure([sys.executable, "-m", "llmquant", "run", str(recipe("gptq", calib)), "--quiet"])
         rows.append((f"llmquant run, nf4 g64, gptq {a.windows}x{a.seqlen} (streamed)", g,
                      json.loads((root / "gptq" / "llmquant.json").read_text())["timings_seconds"]))
+        if a.processes > 1:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.processes)]
+            d = measure([*launch, "-m", "llmquant", "run", str(recipe("gptq-dist", calib)), "--quiet"])
+            rows.append((f"same, over {a.processes} processes (torchrun; RSS of the largest)", d,
+                         json.loads((root / "gptq-dist" / "llmquant.json").read_text())["timings_seconds"]))
+            same = compare_exports(root / "gptq", root / "gptq-dist")
+            notes.append(f"{a.processes} processes vs one: speedup {g['seconds'] / d['seconds']:.2f}x; {same}")
 
     import torch
 
@@ -129,6 +142,28 @@ def main() -> None:
     for name, m, phases in rows:
         ph = ", ".join(f"{k} {v:.1f}" for k, v in (phases or {}).items() if k != "total") or "–"
         print(f"| {name} | {m['seconds']:.1f} s | {m['rss'] / 1e9:.2f} GB | {m['rss'] / ckpt:.2f}× | {ph} |")
+    for n in notes:
+        print(n)
+
+
+def compare_exports(a: Path, b: Path) -> str:
+    """How two exports of the same recipe differ: 4-bit codes that differ, largest relative float difference."""
+    import torch
+    from llmquant.stream import CheckpointReader
+
+    ra, rb = CheckpointReader(a), CheckpointReader(b)
+    codes = differing = 0
+    worst = 0.0
+    for k in ra.where:
+        x, y = ra.get(k), rb.get(k)
+        if x.dtype == torch.uint8 and k.endswith(".weight"):
+            codes += 2 * x.numel()
+            differing += int(((x & 15) != (y & 15)).sum() + ((x >> 4) != (y >> 4)).sum())
+        elif x.is_floating_point():
+            worst = max(worst, float(((x.float() - y.float()).abs() / x.float().abs().clamp_min(1e-12)).max()))
+        ra.close()
+        rb.close()
+    return f"4-bit codes differing {differing} of {codes} ({differing / max(codes, 1):.4%}); largest relative float difference {worst:.2e}"
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from conftest import ARCHS
 from llmquant import export as export_mod
 from llmquant.cli import main
 from llmquant.errors import ExportCheckError
-from llmquant.export import compare_logits, probe_ids, verify_export, write_checkpoint
+from llmquant.export import compare_logits, logits_on, probe_ids, verify_export, verify_streamed_export, write_checkpoint
 from llmquant.models import load_model, resolve_source
 from llmquant.pipeline import run
 from llmquant.plan import build_plan
@@ -153,6 +153,42 @@ def test_every_broken_checkpoint_fails_the_check(tiny_dirs, tmp_path, name):
         _edit_config(folder, BROKEN_CONFIGS[name])
     with pytest.raises(ExportCheckError):
         verify_export(folder, model, plan, chosen, ids)
+
+
+@pytest.mark.parametrize("name", list(BROKEN_TENSORS) + list(BROKEN_CONFIGS))
+def test_the_layer_by_layer_check_catches_them_too(tiny_dirs, tmp_path, name):
+    """A streamed run's check reloads one decoder layer at a time (layer 0 and everything outside the layers with
+    from_pretrained, each other layer on its own) and compares with the logits the quantized model computed."""
+    from llmquant.stream import LayeredReload
+
+    folder, model, plan, chosen = _written(tiny_dirs, tmp_path, PLAIN)
+    ids = probe_ids(None, 512)
+    ref = logits_on(model, ids)
+    verify_streamed_export(folder, plan, ids, ref, "cpu")  # intact: passes
+    reload = LayeredReload(folder, torch.float32, "cpu")
+    reload.run(ids)
+    left = [n for n, t in reload.skeleton.get_submodule(reload.stack)[1:].state_dict().items() if t.device.type != "meta"]
+    assert not left  # each layer was given back once it had run
+    if name in BROKEN_TENSORS:
+        _edit_tensors(folder, BROKEN_TENSORS[name])
+    else:
+        _edit_config(folder, BROKEN_CONFIGS[name])
+    with pytest.raises(ExportCheckError):
+        verify_streamed_export(folder, plan, ids, ref, "cpu")
+
+
+def test_the_layer_by_layer_check_needs_every_tensor(tiny_dirs, tmp_path):
+    folder, model, plan, chosen = _written(tiny_dirs, tmp_path, PLAIN)
+    ids = probe_ids(None, 512)
+    ref = logits_on(model, ids)
+    for key in ("model.layers.0.post_attention_layernorm.weight", "model.layers.1.post_attention_layernorm.weight"):
+        sd = load_file(str(folder / "model.safetensors"))
+        kept = sd.pop(key)
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(ExportCheckError, match="does not load"):
+            verify_streamed_export(folder, plan, ids, ref, "cpu")
+        sd[key] = kept
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def test_failed_check_keeps_the_work_and_check_puts_it_in_place(tiny_dirs, tmp_path, monkeypatch, capsys):
