@@ -111,6 +111,9 @@ class SequentialCalibrator:
         self.chosen: dict[str, QuantizedWeight] = {}
         self.report: list[dict] = []
         self._turn = 0  # with several processes: whose turn it is to make the next decision
+        # where the windows' activations are kept between forward passes (None: on the compute device); a streamed
+        # run keeps them on the CPU, so that the compute device holds one layer and one window
+        self.store: torch.device | None = None
 
     def _decide(self, make):
         """``make()``'s result, computed by one process in turn and sent to the others (or here, alone)."""
@@ -147,14 +150,26 @@ class SequentialCalibrator:
     def _input_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
-    def _run_layer(self, layer: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _run_quantized(self, layer: nn.Module, inputs: list[torch.Tensor], float_out: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the quantized layer on every window: its outputs replace ``inputs`` one window at a time, and each
+        float output is dropped once compared (so no third copy of the activations is ever held). Returns the
+        squared error and the squared float output, summed."""
         args, kwargs = _to(self._args, self.device), _to(self._kwargs, self.device)
-        outs = []
+        num = den = 0
         with torch.no_grad():
-            for x in inputs:
+            for i, x in enumerate(inputs):
                 y = layer(x.to(self.device), *args, **kwargs)
-                outs.append((y[0] if isinstance(y, tuple) else y).detach())
-        return outs
+                q, f = (y[0] if isinstance(y, tuple) else y).detach(), float_out[i].to(self.device)
+                float_out[i] = None
+                num = num + ((q.float() - f.float()) ** 2).sum()
+                den = den + (f.float() ** 2).sum()
+                inputs[i] = self._keep(q)
+        return torch.as_tensor(num), torch.as_tensor(den)
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        if self.store is None or x.device == self.store:
+            return x
+        return x.to(self.store, non_blocking=False)
 
     def _measure(self, layer: nn.Module, inputs: list[torch.Tensor], names: list[str], stop_early: bool = False,
                  first_group_only: bool = False, keep: int = 0) -> tuple[dict, list, list]:
@@ -206,7 +221,7 @@ class SequentialCalibrator:
                     seen.clear()
                     try:
                         y = layer(x.to(self.device), *args, **kwargs)
-                        outs.append((y[0] if isinstance(y, tuple) else y).detach())
+                        outs.append(self._keep((y[0] if isinstance(y, tuple) else y).detach()))
                     except _Stop:
                         pass
                     first_call[0] = False
@@ -321,11 +336,9 @@ class SequentialCalibrator:
                     install(self.model, self.entries[n], qw, self.plan.model_dtype)
                     self.chosen[n] = qw
 
-        quant_out = self._run_layer(layer, inputs)
-        num = distributed.sum_(torch.as_tensor(sum(((q.float() - f.float()) ** 2).sum() for q, f in zip(quant_out, float_out))))
-        den = distributed.sum_(torch.as_tensor(sum((f.float() ** 2).sum() for f in float_out)))
+        num, den = (distributed.sum_(t) for t in self._run_quantized(layer, inputs, float_out))
         report["layer_rel_error"] = (num / den).sqrt().item()
-        report["_outputs"] = quant_out
+        report["_outputs"] = inputs  # now the quantized layer's outputs
         return report
 
 

@@ -247,27 +247,24 @@ def write_streamed_checkpoint(folder: Path, work, model: nn.Module, tokenizer, p
     bytes, read one tensor at a time."""
     from safetensors import safe_open
 
-    from .stream import _ST_DTYPES
+    from .stream import tensor_ranges
 
-    torch_dtype = {name: dt for dt, name in _ST_DTYPES.items()}
     where, order, specs = {}, [], {}
     for step in work.steps():
         path = work.path / f"{step}.safetensors"
+        ranges = tensor_ranges(path)
         with safe_open(str(path), "pt") as h:
-            for k in json.loads(h.metadata()["order"]):
-                sl = h.get_slice(k)
-                where[k], specs[k] = path, (torch_dtype[sl.get_dtype()], tuple(sl.get_shape()))
-                order.append(k)
+            names = json.loads(h.metadata()["order"])
+        for k in names:
+            where[k], specs[k] = ranges[k], (ranges[k].dtype, ranges[k].shape)
+            order.append(k)
     # the in-memory export's order: every planned layer's tensors, then the other tensors
     rank = {e.name: i for i, e in enumerate(plan.entries)}
     other = {n: len(rank) + i for i, n in enumerate(plan.other_tensors)}
     written = {k: i for i, k in enumerate(order)}
     specs = {k: specs[k] for k in sorted(order, key=lambda k: (other[k] if k in other else rank[_entry_of(k, rank)], written[k]))}
     _check_against_plan({k: torch.empty(shape, dtype=dt, device="meta") for k, (dt, shape) in specs.items()}, plan)
-
-    def get(k: str) -> torch.Tensor:  # one file open at a time: what was read leaves memory with it
-        with safe_open(str(where[k]), "pt") as h:
-            return h.get_tensor(k)
+    get = where.__getitem__  # each tensor's bytes, copied from the work folder file to file
 
     shards = write_shards(specs, get, folder, max_shard_size)
     write_model_files(folder, model, tokenizer, plan, extra_files)

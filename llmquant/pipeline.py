@@ -21,7 +21,7 @@ from . import card, distributed
 from . import results as results_mod
 from .checkpoint import file_digests
 from .data import load_text
-from .evaluate import Evaluation, ModelResult, check_tasks, linear_size
+from .evaluate import Evaluation, ModelResult, check_tasks, linear_size, planned_linear_size
 from .errors import UserError
 from .errors import ExportCheckError
 from .export import (MARKER_FILE, ExportCheck, atomic_output, check_output_dir, keep_unchecked, logits_on, model_device, probe_ids,
@@ -31,7 +31,7 @@ from .models import (TOKENIZER_FILES, fingerprint, has_tokenizer, load_config, l
                      resolve_source)
 from .stream import skeleton
 from .plan import Plan, build_plan
-from .calibrate import SequentialCalibrator, calibration_windows, needs_calibration
+from .calibrate import SequentialCalibrator, calibration_windows, decoder_layers, needs_calibration
 from .quantize import quantize_model
 from .recipe import Recipe, parse_size
 from .report import format_counts, human_bytes, make_console, print_plan
@@ -97,7 +97,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
                         + ("this recipe calibrates nothing" if reader is not None else "this one loads the whole model (see above)")
                         + "; run it as one process")
     if reader is not None:
-        return _run_streamed(recipe, src, frame, plan, reader, calib_text, console, log, progress, timings, t_start, device)
+        return _run_streamed(recipe, src, frame, plan, reader, calib_text, eval_text, console, log, progress, timings, t_start, device)
     del frame
     log.print(f"loading {src.describe()} ...")
     model, tokenizer = load_model(src, m.dtype, recipe.device, m.trust_remote_code, allow_pickle=m.allow_pickle)
@@ -129,7 +129,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
 
         if evaluation:
             t = time.perf_counter()
-            size = {**linear_size(model), "bytes": plan.total_bytes, "measured_from": "tensor data"}
+            size = {**planned_linear_size(plan, _head_name(model)), "bytes": plan.total_bytes, "measured_from": "plan"}
             evaluated["quantized"] = evaluation.run(model, describe(plan), size)
             timings["eval_quantized"] = time.perf_counter() - t
 
@@ -159,7 +159,8 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
     return result
 
 
-def _export(result: RunResult, src, t_write: float, t_start: float, log, write, check, probe, results=lambda: None) -> None:
+def _export(result: RunResult, src, t_write: float, t_start: float, log, write, check, probe, results=lambda: None,
+            evaluate_export=lambda folder: None) -> None:
     """Write the checkpoint into a temporary folder, reload and check it, then put it in place.
 
     A failed check keeps what was written beside the output (``OUT.unchecked-...``), so the work is not
@@ -181,6 +182,7 @@ def _export(result: RunResult, src, t_write: float, t_start: float, log, write, 
             raise ExportCheckError(f"{e}. Nothing was written at {out}; the checkpoint is kept, unchecked, in {kept}: "
                                    f"`llmquant check {kept} --into {out}` checks it again and puts it in place") from None
         timings["check"] = result.check.seconds
+        evaluate_export(tmp)  # the checked export itself (a streamed run never has the quantized model whole)
         timings["total"] = time.perf_counter() - t_start
         results()
         write_records(tmp, result, src.describe())
@@ -191,12 +193,12 @@ def _export(result: RunResult, src, t_write: float, t_start: float, log, write, 
 def _stream_reader(recipe: Recipe, src, model, log):
     """A reader of the checkpoint when the run can stream it layer by layer into ``model`` (a skeleton), else None.
 
-    Streaming needs the weights as safetensors whose names are the model's own; evaluation still
-    needs the whole model in memory (the baseline, then the quantized model), so it is not streamed.
+    Streaming needs the weights as safetensors whose names are the model's own; perplexity and divergence
+    are streamed too, lm-eval tasks need the whole model (the baseline, then the quantized model).
     """
     from .stream import CheckpointReader, local_folder, missing_tensors, stream_reason
 
-    reason = "the recipe evaluates the model" if recipe.eval else stream_reason(src)
+    reason = "lm-eval tasks need the whole model" if recipe.eval and recipe.eval.tasks else stream_reason(src)
     if reason is None and pick_device(recipe.device).type == "cuda" and recipe.device == "auto" and torch.cuda.device_count() > 1:
         reason = "several GPUs are used through accelerate's device map"
     if reason is None:
@@ -223,10 +225,14 @@ def _run_distributed(recipe: Recipe, console, log, progress: bool) -> RunResult:
         distributed.stop()
 
 
-def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, console, log, progress, timings, t_start,
+def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_text, console, log, progress, timings, t_start,
                   device: torch.device | None = None) -> RunResult:
-    """``run`` for a model streamed layer by layer from its checkpoint (see :mod:`llmquant.stream`)."""
-    from .stream import StreamedQuantizer, WorkFolder
+    """``run`` for a model streamed layer by layer from its checkpoint (see :mod:`llmquant.stream`).
+
+    With ``eval:``, the baseline is evaluated streamed from the checkpoint before quantization, and the quantized
+    model streamed from the written export once it passed its check: perplexity and divergence one decoder layer
+    at a time over all windows (:func:`llmquant.stream.logits_layer_by_layer`)."""
+    from .stream import LayeredReload, StreamedQuantizer, WorkFolder
 
     m, out = recipe.model, Path(recipe.output.dir)
     log.print(f"streaming {src.describe()} layer by layer"
@@ -239,6 +245,15 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, console,
     key = WorkFolder.key(recipe.to_dict()["quantization"], recipe.to_dict().get("calibration"), fingerprint(src, model.config),
                          str(plan.model_dtype), device.type, [int(i) for i in ids[0]])
     work = WorkFolder(out, key).open()
+    evaluation = Evaluation(recipe.eval, tokenizer, progress, log.print, eval_text) if recipe.eval else None
+    evaluated: dict[str, ModelResult] = {}
+    if evaluation and recipe.eval.baseline:
+        t = time.perf_counter()
+        key = evaluation.cache_key(fingerprint(src, model.config), plan.model_dtype, device)
+        size = {**linear_size(model), "bytes": plan.float_bytes, "measured_from": "tensor data"}
+        evaluated["baseline"] = _evaluate_streamed(evaluation, model, reader, device, _dtype_name(plan.model_dtype), size, key, progress)
+        timings["eval_baseline"] = time.perf_counter() - t
+        t = time.perf_counter()
     calibrator = None
     if needs_calibration(plan):
         c = recipe.calibration
@@ -260,18 +275,61 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, console,
         log.print(calibration_report["summary"])
     result = RunResult(recipe, plan, out, timings=timings, calibration=calibration_report, streamed=True,
                        resumed_from=streamer.resumed_from)
+    info = {"source": src.describe(), "fingerprint": fingerprint(src, model.config), "dtype": _dtype_name(plan.model_dtype),
+            "device": str(device)}
+
+    def evaluate_export(folder):
+        if evaluation:
+            t = time.perf_counter()
+            reload = LayeredReload(folder, plan.model_dtype, device)
+            size = {**planned_linear_size(plan, _head_name(model)), "bytes": plan.total_bytes, "measured_from": "plan"}
+            try:
+                evaluated["quantized"] = evaluation.run(reload.model, describe(plan), size, device=device, logits_of=lambda xs: reload.logits(
+                    xs, desc="evaluating the export" if progress else None))
+            finally:
+                reload.close()
+            timings["eval_quantized"] = time.perf_counter() - t
+
+    def results():
+        if evaluation:
+            result.results = results_mod.build({k: v.to_dict() for k, v in evaluated.items()}, evaluation.protocol(), info,
+                                               recipe.to_dict(), timings)
+
     try:
         _export(result, src, time.perf_counter(), t_start, log,
                 write=lambda tmp: write_streamed_checkpoint(tmp, work, model, tokenizer, plan, parse_size(recipe.output.max_shard_size),
                                                             extra_files={"recipe.yaml": recipe.to_yaml()}),
                 check=lambda tmp: verify_streamed_export(tmp, plan, ids, logits, device, streamer.lean_check),
-                probe=lambda: probe_summary(ids, logits, device, not streamer.lean_check))
+                probe=lambda: probe_summary(ids, logits, device, not streamer.lean_check), results=results,
+                evaluate_export=evaluate_export)
     except ExportCheckError:
         shutil.rmtree(work.path, ignore_errors=True)  # everything it held is in the kept folder
         raise
+    finally:
+        if evaluation:
+            evaluation.close()
     print_summary(result, console)
     _push(recipe, out, console, log)
     return result
+
+
+def _head_name(model) -> str | None:
+    head = model.get_output_embeddings()
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def _evaluate_streamed(evaluation: Evaluation, model, reader, device, label: str, size: dict, cache_key, progress: bool) -> ModelResult:
+    """Evaluate a skeleton's model streamed from its checkpoint, one decoder layer at a time."""
+    from .stream import logits_layer_by_layer, materialize_outside, release, source_layer
+
+    stack, layers = decoder_layers(model)
+    outside = materialize_outside(model, layers, reader, device)
+    try:
+        return evaluation.run(model, label, size, reference=True, cache_key=cache_key, device=device, logits_of=lambda xs: logits_layer_by_layer(
+            model, stack, len(layers), xs, lambda i: source_layer(model, stack, i, reader, device), device,
+            "evaluating the baseline" if progress else None))
+    finally:
+        release(model, outside)
 
 
 def _push(recipe: Recipe, out: Path, console, log) -> None:

@@ -23,7 +23,8 @@ import json
 import os
 import struct
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,14 +60,55 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
         offset += size
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+    with open(path, "wb", buffering=0) as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
         for n in order:
-            t = get(n).detach().to("cpu").contiguous()
+            src = get(n)
+            if isinstance(src, FileRange):  # bytes already written once: copied file to file, never through memory
+                assert (src.dtype, tuple(src.shape)) == (specs[n][0], tuple(specs[n][1])), (n, src, specs[n])
+                src.copy_to(f)
+                continue
+            t = src.detach().to("cpu").contiguous()
             assert t.dtype == specs[n][0] and tuple(t.shape) == tuple(specs[n][1]), (n, t.dtype, t.shape, specs[n])
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     os.chmod(path, 0o666 & ~_umask())
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """One tensor's bytes inside a safetensors file."""
+
+    path: Path
+    start: int
+    length: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def copy_to(self, out) -> None:
+        """Append the bytes to the unbuffered file ``out`` (in the kernel where it can: ``copy_file_range``)."""
+        with open(self.path, "rb", buffering=0) as src:
+            offset, left = self.start, self.length
+            while left:
+                try:
+                    n = os.copy_file_range(src.fileno(), out.fileno(), left, offset)
+                except (AttributeError, OSError):  # not Linux, or a filesystem that cannot: through a small buffer
+                    src.seek(offset)
+                    n = out.write(src.read(min(left, 1 << 26)))
+                if n == 0:
+                    raise OSError(f"{self.path} ends before its tensor data")
+                offset, left = offset + n, left - n
+
+
+def tensor_ranges(path: Path) -> dict[str, FileRange]:
+    """Where each tensor of a safetensors file lies in it (read from its header alone)."""
+    torch_dtype = {name: dt for dt, name in _ST_DTYPES.items()}
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: FileRange(Path(path), 8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0],
+                         torch_dtype[v["dtype"]], tuple(v["shape"])) for k, v in header.items()}
 
 
 def _nbytes(dtype: torch.dtype, shape) -> int:
@@ -171,11 +213,14 @@ def missing_tensors(model: nn.Module, reader: CheckpointReader) -> list[str]:
     return [n for n in state_names(model) if n not in reader.where]
 
 
-def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device) -> None:
-    """Read a module's parameters and persistent buffers from the checkpoint onto ``device`` (in the skeleton's dtypes)."""
+def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device, skip=frozenset(), only=None) -> None:
+    """Read a module's parameters and persistent buffers from the checkpoint onto ``device`` (in the skeleton's dtypes);
+    ``skip``/``only``: names (relative to ``module``) to leave out / to read alone."""
     from accelerate.utils import set_module_tensor_to_device
 
     for name in state_names(module):
+        if name in skip or (only is not None and name not in only):
+            continue
         full = f"{prefix}.{name}" if prefix else name
         if full not in reader.where:
             continue  # a tied weight, stored under the other module's name: tied again by the caller
@@ -209,11 +254,10 @@ class WorkFolder:
 
     def save(self, step: str, tensors: dict[str, torch.Tensor], record: dict) -> None:
         """The step's checkpoint tensors (with their order) and what to remember of it, atomically."""
-        from safetensors.torch import save_file
-
         tmp = self.path / f"{step}.tmp.safetensors"
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(tmp), metadata={"order": json.dumps(list(tensors)), "record": json.dumps(record)})
+        specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+        # one tensor at a time, never a serialized copy of them all in memory
+        write_safetensors(tmp, specs, tensors.__getitem__, metadata={"order": json.dumps(list(tensors)), "record": json.dumps(record)})
         os.replace(tmp, self.path / f"{step}.safetensors")
 
     def record(self, step: str) -> dict:
@@ -301,12 +345,20 @@ class StreamedQuantizer:
         for i in bar:
             layer, prefix = layers[i], prefixes[i]
             blank = copy.deepcopy(layer)  # still on the meta device: what the layer goes back to once written
-            materialize(layer, prefix, self.reader, self.device)
-            self.reader.close()  # unmap the shards: pages read stay out of this process's memory
+            # Tensors read from a file stay mapped, and the pages read stay counted in this process's memory, until
+            # every tensor read through that opening of the file is freed. Without calibration each Linear weight is
+            # read through its own opening just before it is quantized (_quantize_plain), so that its pages go
+            # as soon as its bitsandbytes layer replaces it: the layer never sits in memory whole.
+            linears = set() if self.calibrator is not None else {
+                n[len(prefix) + 1:] + ".weight" for n in self.entries if n.startswith(prefix + ".")}
+            materialize(layer, prefix, self.reader, self.device, skip=linears)
+            self.reader.close()
             record: dict = {}
+            t_layer = time.perf_counter()
             if self.calibrator is not None:
-                rep = self.calibrator._layer(layer, prefix, [x.to(self.device) for x in state["inputs"]])
-                state["inputs"] = [x.cpu() for x in rep.pop("_outputs")]
+                self.calibrator.store = torch.device("cpu")  # the device holds the layer and one window at a time
+                rep = self.calibrator._layer(layer, prefix, state.pop("inputs"))
+                state["inputs"] = rep.pop("_outputs")
                 record["report"] = rep
                 self.report.append(rep)
                 bar.set_postfix_str(f"layer {i}: output error {rep['layer_rel_error']:.3%}")
@@ -317,6 +369,9 @@ class StreamedQuantizer:
                 # (A calibrator has already run the layer, repacked on AVX512-BF16 CPUs: the check then repacks too.)
                 without_cpu_repacking(layer)
             state["probe"] = _call(layer, state["probe"].to(self.device), *state["probe_call"], self.device).cpu()
+            record["seconds"] = round(time.perf_counter() - t_layer, 2)
+            if "report" in record:
+                record["report"]["seconds"] = record["seconds"]
             chosen = self.chosen()
             tensors = collect_tensors(self.model, self.plan, chosen, under=prefix)
             for name in [k for k in chosen if k.startswith(prefix + ".")]:
@@ -345,30 +400,15 @@ class StreamedQuantizer:
 
         for name, e in self.entries.items():
             if name.startswith(prefix + "."):
+                materialize(self.model.get_submodule(name), name, self.reader, self.device, only={"weight"})
+                self.reader.close()
                 qw = quantize_layer(self.model.get_submodule(name), e, self.plan.model_dtype)
                 install(self.model, e, qw, self.plan.model_dtype)
                 self._chosen[name] = qw
                 _give_memory_back()  # the quantizer's temporaries, before the next Linear's
 
-    def _outside(self, layers) -> list[str]:
-        """Modules holding tensors outside the decoder layers (embeddings, final norm, head), outermost names."""
-        inside = {id(m) for layer in layers for m in layer.modules()}
-        names = []
-        for n, m in self.model.named_modules():
-            if not n or id(m) in inside or any(n.startswith(p + ".") for p in names):
-                continue
-            if any(True for _ in m.parameters(recurse=False)) or any(
-                    b not in m._non_persistent_buffers_set for b, _ in m.named_buffers(recurse=False)):
-                names.append(n)
-        return names
-
     def _materialize_outside(self, layers) -> list[str]:
-        outside = self._outside(layers)
-        for n in outside:
-            materialize(self.model.get_submodule(n), n, self.reader, self.device)
-        self.reader.close()
-        self.model.tie_weights()
-        return outside
+        return materialize_outside(self.model, layers, self.reader, self.device)
 
     def _first_inputs(self, layers) -> dict:
         """Embed the probe (and the calibration windows): the first decoder layer's inputs and call arguments."""
@@ -396,8 +436,7 @@ class StreamedQuantizer:
                 state.update(inputs=[x.cpu() for x in inputs], calib_args=_to(args, "cpu"), calib_kwargs=_to(kwargs, "cpu"))
             return state
         finally:
-            for n in outside:
-                _release(self.model, n)
+            release(self.model, outside)
 
     def _rest(self, layers, prefixes, hidden) -> torch.Tensor:
         """Everything outside the decoder layers: quantized (head) or copied, written; and the probe's logits."""
@@ -420,9 +459,87 @@ class StreamedQuantizer:
             without_cpu_repacking(self.model)
         logits = _logits_after_layers(self.model, layers, self.probe_ids.to(self.device), hidden.to(self.device))
         self.work.save("rest", collect_tensors(self.model, self.plan, chosen, outside=prefixes), {})
-        for n in outside:
-            _release(self.model, n)
+        release(self.model, outside)
         return logits
+
+
+def outside_modules(model: nn.Module, layers) -> list[str]:
+    """Modules holding tensors outside the decoder layers (embeddings, final norm, head), outermost names."""
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    names = []
+    for n, m in model.named_modules():
+        if not n or id(m) in inside or any(n.startswith(p + ".") for p in names):
+            continue
+        if any(True for _ in m.parameters(recurse=False)) or any(
+                b not in m._non_persistent_buffers_set for b, _ in m.named_buffers(recurse=False)):
+            names.append(n)
+    return names
+
+
+def materialize_outside(model: nn.Module, layers, reader: CheckpointReader, device) -> list[str]:
+    """Read everything outside the decoder layers onto ``device`` (tied weights tied again); returns the modules'
+    names, for :func:`release`."""
+    outside = outside_modules(model, layers)
+    for n in outside:
+        materialize(model.get_submodule(n), n, reader, device)
+    reader.close()
+    model.tie_weights()
+    return outside
+
+
+def release(model: nn.Module, names: list[str]) -> None:
+    for n in names:
+        _release(model, n)
+
+
+def logits_layer_by_layer(model: nn.Module, stack: str, n_layers: int, batches: list[torch.Tensor], layer_at, device,
+                          desc: str | None = None):
+    """A model's logits on each batch of token ids, one decoder layer at a time: every batch goes through the
+    embeddings, then through layer 0, then layer 1, ... (``layer_at(i)``: a context manager that has layer ``i`` in
+    place while it runs), then through the norm and head; yields each batch's logits (float32, on the CPU).
+    Only the hidden states of all batches are kept between layers, on the CPU."""
+    first = model.get_submodule(stack)
+    hidden, calls = [], []
+    for ids in batches:
+        saved: dict = {}
+
+        def grab(module, a, kw):
+            saved["x"] = a[0] if a else kw["hidden_states"]
+            saved["call"] = (a[1:], {k: v for k, v in kw.items() if k != "hidden_states"})
+            raise _Stop
+
+        handle = first[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                try:
+                    model(ids.to(device), use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        hidden.append(saved["x"].cpu())
+        calls.append(_to(saved["call"], "cpu"))
+    for i in tqdm(range(n_layers), desc=desc, unit="layer", disable=desc is None):
+        with layer_at(i) as layer:
+            for b in range(len(hidden)):
+                hidden[b] = _call(layer, hidden[b].to(device), *calls[b], device).cpu()
+    for ids, h in zip(batches, hidden):
+        yield _logits_after_layers(model, first, ids.to(device), h.to(device), stack)
+
+
+@contextmanager
+def source_layer(model: nn.Module, stack: str, i: int, reader: CheckpointReader, device):
+    """Decoder layer ``i`` of a skeleton read from the checkpoint while in use, then given back."""
+    layers = model.get_submodule(stack)
+    layer, blank = layers[i], copy.deepcopy(layers[i])
+    materialize(layer, f"{stack}.{i}", reader, device)
+    reader.close()
+    try:
+        yield layer
+    finally:
+        layers[i] = blank
+        del layer
+        _give_memory_back()
 
 
 def _call(layer, x, args, kwargs, device):
@@ -588,46 +705,40 @@ class LayeredReload:
     def _keys(self, start: str) -> list[str]:
         return [k for k in self.reader.where if k.startswith(start)]
 
-    def run(self, ids: torch.Tensor, compare=None) -> torch.Tensor:
-        """Logits on ``ids``, computed one reloaded layer at a time. ``compare(model, prefix)``, when given, is
-        called with each layer in place (``prefix`` None: the model outside layers 1..N-1)."""
-        first = self.model.get_submodule(self.stack)
-        saved: dict = {}
-
-        def grab(module, a, kw):
-            saved["x"] = a[0] if a else kw["hidden_states"]
-            saved["call"] = (a[1:], {k: v for k, v in kw.items() if k != "hidden_states"})
-            raise _Stop
-
-        if compare is not None:
-            compare(self.model, None)
-        handle = first[0].register_forward_pre_hook(grab, with_kwargs=True)
+    @contextmanager
+    def layer(self, i: int, compare=None):
+        """Decoder layer ``i`` in place while in use (``compare(model, prefix)`` sees it first), then given back."""
+        if i == 0:
+            yield self.model.get_submodule(self.stack)[0]
+            return
+        layer = self.load_layer(i)
         try:
-            with torch.no_grad():
-                try:
-                    self.model(ids.to(self.device), use_cache=False)
-                except _Stop:
-                    pass
+            if compare is not None:
+                compare(self.skeleton, f"{self.stack}.{i}")
+            yield layer
         finally:
-            handle.remove()
-        hidden = _call(first[0], saved["x"], *saved["call"], self.device)
-        for i in range(1, len(self.layers)):
-            layer = self.load_layer(i)
-            try:
-                if compare is not None:
-                    compare(self.skeleton, f"{self.stack}.{i}")
-                hidden = _call(layer, hidden, *saved["call"], self.device)
-            finally:
-                for m, store, k, v in self._blank:
-                    getattr(m, store)[k] = v
-                for m in layer.modules():  # what the loading and the forward attached to the modules
-                    if getattr(m, "quant_state", None) is not None:
-                        m.quant_state = None  # Params4bit.from_prequantized: the layer's scales
-                    if getattr(getattr(m, "state", None), "CB", None) is not None:
-                        m.state.CB = m.state.SCB = None  # Linear8bitLt's forward: the int8 weight and its scales
+            for m, store, k, v in self._blank:
+                getattr(m, store)[k] = v
+            for m in layer.modules():  # what the loading and the forward attached to the modules
+                if getattr(m, "quant_state", None) is not None:
+                    m.quant_state = None  # Params4bit.from_prequantized: the layer's scales
+                if getattr(getattr(m, "state", None), "CB", None) is not None:
+                    m.state.CB = m.state.SCB = None  # Linear8bitLt's forward: the int8 weight and its scales
             del layer
             _give_memory_back()
-        return _logits_after_layers(self.model, first, ids.to(self.device), hidden, self.stack)
+
+    def logits(self, batches: list[torch.Tensor], compare=None, desc: str | None = None):
+        """The reloaded model's logits on each batch of token ids, computed one reloaded layer at a time (all
+        batches through layer 0, then layer 1, ...). ``compare(model, prefix)``, when given, is called with each
+        layer in place (``prefix`` None: the model outside layers 1..N-1)."""
+        if compare is not None:
+            compare(self.model, None)
+        return logits_layer_by_layer(self.model, self.stack, len(self.layers), batches,
+                                     lambda i: self.layer(i, compare), self.device, desc)
+
+    def run(self, ids: torch.Tensor, compare=None) -> torch.Tensor:
+        """Logits on ``ids`` (see :meth:`logits`)."""
+        return next(iter(self.logits([ids], compare)))
 
     def close(self) -> None:
         self.reader.close()

@@ -161,3 +161,30 @@ def test_a_checkpoint_larger_than_the_memory_used_still_quantizes(tmp_path):
     meta = json.loads((tmp_path / "out" / "llmquant.json").read_text())
     assert meta["loading"]["streamed"] and meta["export_check"]["passed"]
     assert rss < ckpt, (rss, ckpt)  # the whole model in memory would take more than the checkpoint alone
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_streamed_evaluation_measures_what_the_whole_model_measures(tiny_dirs, tmp_path, monkeypatch, calib_file, arch):
+    """Perplexity and divergence of a streamed run (baseline from the checkpoint, quantized model from the checked
+    export, one decoder layer at a time over all windows) equal the in-memory run's."""
+    ev = {"text": {"source": str(calib_file)}, "seqlen": 32, "max_tokens": 200, "batch_size": 2, "divergence_tokens": 100}
+
+    def recipe(out):
+        r = make_recipe(tiny_dirs(arch), out, "rtn-mixed", calib_file).to_dict()
+        return Recipe.from_dict({**r, "eval": ev})
+
+    streamed = quiet(recipe(tmp_path / "streamed"))
+    assert streamed.streamed
+    with monkeypatch.context() as m:
+        whole(m)
+        in_memory = quiet(recipe(tmp_path / "whole"))
+    assert not in_memory.streamed
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["models"] for d in ("streamed", "whole"))
+    for name in ("baseline", "quantized"):
+        pa, pb = a[name], b[name]
+        assert pa["perplexity"] == pytest.approx(pb["perplexity"], rel=1e-4), name
+        assert pa["size"]["linear_bits_per_weight"] == pytest.approx(pb["size"]["linear_bits_per_weight"], rel=1e-6), name
+        assert pa["size"]["linear_weights"] == pb["size"]["linear_weights"]
+    assert a["quantized"]["kl_divergence"]["mean"] == pytest.approx(b["quantized"]["kl_divergence"]["mean"], rel=1e-2, abs=1e-6)
+    assert a["quantized"]["top1_agreement"] == pytest.approx(b["quantized"]["top1_agreement"], abs=0.02)
+    assert a["quantized"]["perplexity"] != a["baseline"]["perplexity"]

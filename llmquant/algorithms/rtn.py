@@ -36,7 +36,7 @@ def rtn_4bit(weight: torch.Tensor, scheme: FourBit, dtype: torch.dtype) -> FourB
     return FourBitWeight(codes, scales, scheme.format, scheme.group_size, dtype, nested)
 
 
-CHUNK_WEIGHTS = 1 << 22
+CHUNK_WEIGHTS = 1 << 20
 
 
 def rtn_int8(weight: torch.Tensor, scheme: Int8) -> Int8Weight:

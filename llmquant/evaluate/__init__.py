@@ -98,6 +98,26 @@ def linear_size(model: nn.Module) -> dict:
     return {"linear_bits_per_weight": bits / max(n, 1), "linear_weights": n}
 
 
+def planned_linear_size(plan, head: str | None) -> dict:
+    """:func:`linear_size` of the quantized model, from its plan (for a model never whole in memory)."""
+    from ..schemes import FourBit, Int8, Keep
+
+    n, bits = 0, 0
+    for e in plan.entries:
+        if e.name == head:
+            continue
+        sc = e.scheme
+        if isinstance(sc, FourBit):
+            bits += e.numel * 4 + (e.numel // sc.group_size) * (8 if sc.double_quant else 32)
+        elif isinstance(sc, Int8):
+            bits += e.numel * 8 + e.out_features * 32
+        else:
+            dtype = sc.dtype if isinstance(sc, Keep) else plan.model_dtype
+            bits += e.numel * dtype.itemsize * 8
+        n += e.numel
+    return {"linear_bits_per_weight": bits / max(n, 1), "linear_weights": n}
+
+
 class Evaluation:
     def __init__(self, spec, tokenizer, progress: bool = True, log=None, text=None):
         self.spec, self.tokenizer, self.progress = spec, tokenizer, progress
@@ -117,10 +137,10 @@ class Evaluation:
         self.reference: LogprobStore | None = None
         self._temporary: list[LogprobStore] = []
 
-    def batch_size(self, model: nn.Module) -> int:
+    def batch_size(self, device: torch.device) -> int:
         if self.spec.batch_size != "auto":
             return self.spec.batch_size
-        return 1 if next(model.parameters()).device.type == "cpu" else 8
+        return 1 if device.type == "cpu" else 8
 
     def protocol(self) -> dict:
         s = self.spec
@@ -141,8 +161,15 @@ class Evaluation:
 
     # ---- one model ------------------------------------------------------------------------
 
-    def run(self, model: nn.Module, label: str, size: dict, reference: bool = False, cache_key: str | None = None) -> ModelResult:
-        """Evaluate ``model``; ``reference=True`` for the baseline (others are compared with it)."""
+    def run(self, model: nn.Module, label: str, size: dict, reference: bool = False, cache_key: str | None = None,
+            logits_of=None, device: torch.device | None = None) -> ModelResult:
+        """Evaluate ``model``; ``reference=True`` for the baseline (others are compared with it).
+
+        ``logits_of`` (see :func:`~llmquant.evaluate.perplexity.evaluate`) computes perplexity and divergence for a
+        model that is never whole in memory (``model`` is then its skeleton, ``device`` where it computes); such a
+        model has no lm-eval tasks.
+        """
+        device = device or next(p.device for p in model.parameters() if p.device.type != "meta")
         s = self.spec
         if reference and cache_key:
             cached = self._load_cached(cache_key, label, size)
@@ -157,13 +184,14 @@ class Evaluation:
         try:
             t0 = time.perf_counter()
             ppl = evaluate(
-                model, self.ids, self.windows, self.batch_size(model), write_logprobs=store,
+                model, self.ids, self.windows, self.batch_size(device), write_logprobs=store,
                 reference=None if reference else self.reference, progress=self.progress, desc=f"perplexity ({label})",
+                logits_of=logits_of,
             )
             seconds = {"perplexity": time.perf_counter() - t0}
             t0 = time.perf_counter()
-            tasks = run_tasks(model, self.tokenizer, s.tasks, s.task_limit, s.task_batch_size, s.num_fewshot)
-            if s.tasks:
+            tasks = run_tasks(model, self.tokenizer, s.tasks, s.task_limit, s.task_batch_size, s.num_fewshot) if logits_of is None else {}
+            if s.tasks and logits_of is None:
                 seconds["tasks"] = time.perf_counter() - t0
         except BaseException:
             if work is not None:

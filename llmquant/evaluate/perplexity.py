@@ -113,27 +113,31 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def evaluate(model, ids: torch.Tensor, windows: list[Window], batch_size: int = 4, write_logprobs: LogprobStore | None = None,
-             reference: LogprobStore | None = None, progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
+             reference: LogprobStore | None = None, progress: bool = True, desc: str = "perplexity",
+             logits_of=None) -> PerplexityResult:
     """Score ``ids`` (a 1-D token tensor) window by window, in batches of equal-length windows.
 
     With ``write_logprobs``, the model's log-probabilities at the counted positions are
     stored (up to the store's capacity); with ``reference``, the model is compared with
-    a stored reference at those same positions.
+    a stored reference at those same positions. ``logits_of(batches)``, when given, computes
+    the logits of every batch instead of ``model`` (e.g. one decoder layer at a time over all
+    batches, for a model larger than memory), yielding them in order.
     """
     import time
 
     t0 = time.perf_counter()
-    device = _device(model)
+    device = _device(model) if logits_of is None else torch.device("cpu")
     ids = ids.reshape(-1)
     nlls: list[torch.Tensor] = []
     kl: list[torch.Tensor] = []
     agree: list[torch.Tensor] = []
     position = 0  # counted tokens so far, in window order (indexes the stores)
     batches = _batches(windows, batch_size)
+    xs = [torch.stack([ids[w.begin : w.end] for w in batch]) for batch in batches]
+    all_logits = logits_of(xs) if logits_of is not None else (model(x.to(device)).logits for x in xs)
     bar = tqdm(total=sum(w.n_targets for w in windows), desc=desc, unit="tok", disable=not progress)
-    for batch in batches:
-        x = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)
-        logits = model(x).logits
+    for batch, x, logits in zip(batches, xs, all_logits):
+        x = x.to(logits.device)
         for i, w in enumerate(batch):
             skip = w.first_target - w.begin - 1  # predictions before the first counted target
             logp = torch.log_softmax(logits[i, skip:-1].float(), dim=-1)
