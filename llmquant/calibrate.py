@@ -36,6 +36,7 @@ from .plan import Plan, PlanEntry, quantizable
 from .quantize import install, layer_weight, quantize_layer
 from .quantized import QuantizedWeight
 from .schemes import Int8
+from .memory import give_memory_back
 
 
 def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -169,7 +170,10 @@ class SequentialCalibrator:
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         if self.store is None or x.device == self.store:
             return x
-        return x.to(self.store, non_blocking=False)
+        if self.store.type == "cpu" and x.device.type == "cuda":  # page-locked: the copies back are faster
+            out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            return out.copy_(x)
+        return x.to(self.store)
 
     def _measure(self, layer: nn.Module, inputs: list[torch.Tensor], names: list[str], stop_early: bool = False,
                  first_group_only: bool = False, keep: int = 0) -> tuple[dict, list, list]:
@@ -283,6 +287,7 @@ class SequentialCalibrator:
         stats, groups, float_out = self._measure(
             layer, inputs, names, first_group_only=self.spec.true_sequential and not awq, keep=self.spec.awq.tokens if awq else 0
         )
+        give_memory_back()
         groups += [[n] for n in names if not any(n in g for g in groups)]  # layers the forward never called
         report = {"layer": prefix, "scaled": []}
 
@@ -326,8 +331,9 @@ class SequentialCalibrator:
                     ws = [layer_weight(m).detach() for m in modules]
 
                     def solve():
-                        qws = algo.quantize_many(ws, e.scheme, self.plan.model_dtype, LayerStats(st.hessian, st.tokens, options))
-                        return qws, [_rel_error(w.float(), qw, st.hessian) for w, qw in zip(ws, qws)]
+                        hessian = st.hessian  # a new n x n tensor each time it is asked for
+                        qws = algo.quantize_many(ws, e.scheme, self.plan.model_dtype, LayerStats(hessian, st.tokens, options))
+                        return qws, [_rel_error(w.float(), qw, hessian) for w, qw in zip(ws, qws)]
 
                     qws, errs = self._decide(solve)
                     for n, err in zip(batch, errs):
@@ -335,6 +341,7 @@ class SequentialCalibrator:
                 for n, qw in zip(batch, qws):
                     install(self.model, self.entries[n], qw, self.plan.model_dtype)
                     self.chosen[n] = qw
+                give_memory_back()  # the solver's n x n temporaries, before the next batch's
 
         num, den = (distributed.sum_(t) for t in self._run_quantized(layer, inputs, float_out))
         report["layer_rel_error"] = (num / den).sqrt().item()

@@ -105,6 +105,13 @@ def render(folder: str | Path, model_id: str | None = None) -> str:
         lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines += ["", "Measured by llmquant on the machine that made the checkpoint: see `results.json` for every setting.", ""]
+    speed = (results or {}).get("speed")
+    if speed is None and (folder / "speed.json").is_file():
+        speed = json.loads((folder / "speed.json").read_text())
+    if speed:
+        from .bench import speed_table
+
+        lines += ["## Speed", "", speed_table(speed)]
     check = meta.get("export_check") or {}
     lines += [
         "## How it was made",

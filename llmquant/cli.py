@@ -90,6 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace results already in DIR")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    b = sub.add_parser(
+        "bench", help="load time, memory, prefill and decode speed of a model (and a baseline beside it)",
+        description="Load MODEL (and --baseline) as a user would, then for each batch size prefill a fixed prompt and "
+        "generate a fixed number of tokens greedily (KV cache on), after warm-up, several times: load seconds, peak "
+        "host (and GPU) memory, prefill and decode tokens/s (median, min-max), and the greedy text. Writes speed.json "
+        "and speed.md into --output; when --output holds an export's results.json, its speed section too.",
+    )
+    b.add_argument("model", metavar="MODEL", help="Hub id, folder (an llmquant export, a stock bitsandbytes or float model) or asset:NAME")
+    b.add_argument("--baseline", metavar="MODEL", help="benched first, the same way (e.g. the unquantized model)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    b.add_argument("--batch-sizes", default="1", metavar="A,B", help="comma-separated batch sizes (default 1)")
+    b.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length (default 128)")
+    b.add_argument("--new-tokens", type=int, default=32, metavar="N", help="tokens generated per row (default 32)")
+    b.add_argument("--repeats", type=int, default=3, metavar="N", help="timed runs per batch size (default 3)")
+    b.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs first (default 1)")
+    b.add_argument("--output", metavar="DIR", required=True, help="folder for speed.json and speed.md")
+
     c = sub.add_parser(
         "compare", help="one table and plot from several results (same protocol only)",
         description="Merge results.json files (or folders holding them) measured under the same protocol into one "
@@ -176,6 +193,36 @@ def cmd_run(args) -> int:
     if overrides:
         recipe = recipe.with_overrides(overrides)
     run(recipe, dry_run=args.dry_run, progress=not args.quiet)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import json
+    import os
+
+    from . import results
+    from .bench import SpeedSettings, bench, speed_table
+
+    try:
+        sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes takes comma-separated whole numbers, e.g. 1,8; got {args.batch_sizes!r}") from None
+    settings = SpeedSettings(sizes, args.prompt_tokens, args.new_tokens, args.repeats, args.warmup)
+    settings.check()
+    models = {"baseline": args.baseline} if args.baseline else {}
+    models["quantized" if args.baseline else "model"] = args.model
+    speed = bench(models, settings, args.device, log=lambda m: print(m, file=sys.stderr))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in {"speed.json": json.dumps(speed, indent=2) + "\n", "speed.md": speed_table(speed)}.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)
+    if (out / "results.json").is_file():
+        res = results.load(out / "results.json")
+        res["speed"] = speed
+        results.write(out, res)
+    print(speed_table(speed))
     return 0
 
 
@@ -301,7 +348,7 @@ def cmd_push(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "eval": cmd_eval, "compare": cmd_compare, "inspect": cmd_inspect, "check": cmd_check, "push": cmd_push,
-            "assets": cmd_assets}
+            "assets": cmd_assets, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,6 +154,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
         if evaluation:
             evaluation.close()
 
+    _bench(result, src, log)
     print_summary(result, console)
     _push(recipe, out, console, log)
     return result
@@ -308,9 +309,29 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
     finally:
         if evaluation:
             evaluation.close()
+    _bench(result, src, log)
     print_summary(result, console)
     _push(recipe, out, console, log)
     return result
+
+
+def _bench(result: RunResult, src, log) -> None:
+    """The recipe's ``bench:``: speed of the export in place (and of the baseline), into its records and card."""
+    recipe, out = result.recipe, result.output
+    if not recipe.bench:
+        return
+    from .bench import SpeedSettings, bench, speed_table
+
+    b = recipe.bench
+    log.print("measuring speed (bench) ...")
+    models = {"baseline": src, "quantized": str(out)} if b.baseline else {"quantized": str(out)}
+    speed = bench(models, SpeedSettings(list(b.batch_sizes), b.prompt_tokens, b.new_tokens, b.repeats, b.warmup),
+                  recipe.device, log=log.print)
+    for name, text in {"speed.json": json.dumps(speed, indent=2) + "\n", "speed.md": speed_table(speed)}.items():
+        (out / name).write_text(text, encoding="utf-8")
+    if result.results:
+        result.results["speed"] = speed
+    write_records(out, result, src.describe())  # results, llmquant.json and the card, with the speed
 
 
 def _head_name(model) -> str | None:

@@ -107,7 +107,7 @@ class FourBitWeight:
     def dequantize(self) -> torch.Tensor:
         """The float32 weight bitsandbytes computes with (before casting to ``dtype``)."""
         cb = codebook(self.quant_type, self.codes.device)
-        vals = cb[self.codes.long()].reshape(-1, self.group_size) * self.scales.view(-1, 1)
+        vals = cb[self.codes.int()].reshape(-1, self.group_size) * self.scales.view(-1, 1)
         return vals.reshape(self.shape)
 
 

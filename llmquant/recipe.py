@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -272,6 +272,21 @@ class HubSpec(StrictModel):
         return v
 
 
+class BenchSpec(StrictModel):
+    """Speed of the export where it runs (see llmquant.bench), measured at the end of the run."""
+
+    # Rows per batch; each batch size is measured separately.
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1], min_length=1)
+    # Prompt length in tokens (prefilled), and tokens generated greedily after it (KV cache on).
+    prompt_tokens: int = Field(128, ge=1)
+    new_tokens: int = Field(32, ge=2)
+    # Timed runs per batch size (median and min-max reported), after untimed warm-up runs.
+    repeats: int = Field(3, ge=1)
+    warmup: int = Field(1, ge=0)
+    # Bench the unquantized model too, the same way (it is loaded whole).
+    baseline: bool = True
+
+
 class Recipe(StrictModel):
     version: Literal[1] = RECIPE_VERSION
     model: ModelSpec
@@ -285,6 +300,8 @@ class Recipe(StrictModel):
     output: Output
     # Push the checked export to the Hub at the end; none when absent.
     hub: HubSpec | None = None
+    # Measure load time, memory and prefill/decode speed of the export (and the baseline); none when absent.
+    bench: BenchSpec | None = None
 
     @model_validator(mode="after")
     def _calibrated_methods_need_data(self) -> "Recipe":

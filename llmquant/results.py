@@ -192,6 +192,10 @@ def markdown(res: dict) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if res.get("speed"):
+        from .bench import speed_table
+
+        lines += ["", "## Speed", "", speed_table(res["speed"])]
     v = res["versions"]
     lines += ["", "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val), ""]
     return "\n".join(lines)

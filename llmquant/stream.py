@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .memory import give_memory_back
 from .backends.bnb import without_cpu_repacking
 from .calibrate import _to
 from .errors import UserError
@@ -378,7 +379,7 @@ class StreamedQuantizer:
                 del chosen[name]  # written: the quantized model never accumulates in memory
             layers[i] = blank
             del layer
-            _give_memory_back()
+            give_memory_back()
             self.work.save_state(i, state)
             if distributed.rank() == 0:
                 self.work.save(f"layer-{i:05d}", tensors, record)  # the layer counts as done once its state is safe
@@ -405,7 +406,7 @@ class StreamedQuantizer:
                 qw = quantize_layer(self.model.get_submodule(name), e, self.plan.model_dtype)
                 install(self.model, e, qw, self.plan.model_dtype)
                 self._chosen[name] = qw
-                _give_memory_back()  # the quantizer's temporaries, before the next Linear's
+                give_memory_back()  # the quantizer's temporaries, before the next Linear's
 
     def _materialize_outside(self, layers) -> list[str]:
         return materialize_outside(self.model, layers, self.reader, self.device)
@@ -539,7 +540,7 @@ def source_layer(model: nn.Module, stack: str, i: int, reader: CheckpointReader,
     finally:
         layers[i] = blank
         del layer
-        _give_memory_back()
+        give_memory_back()
 
 
 def _call(layer, x, args, kwargs, device):
@@ -555,24 +556,6 @@ def _release(model: nn.Module, name: str) -> None:
     m = model.get_submodule(name)
     for n in state_names(m):
         set_module_tensor_to_device(m, n, "meta")
-
-
-def _libc():
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return None
-
-
-def _give_memory_back() -> None:
-    """Return freed heap memory to the system. glibc raises its mmap threshold each time a large block is
-    freed, so the next layer's temporaries come from the heap and, once freed, stay counted in the process's
-    memory (measured: +400 MB per layer of a 1B model) unless trimmed."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 class _Replay(nn.Module):
@@ -725,7 +708,7 @@ class LayeredReload:
                 if getattr(getattr(m, "state", None), "CB", None) is not None:
                     m.state.CB = m.state.SCB = None  # Linear8bitLt's forward: the int8 weight and its scales
             del layer
-            _give_memory_back()
+            give_memory_back()
 
     def logits(self, batches: list[torch.Tensor], compare=None, desc: str | None = None):
         """The reloaded model's logits on each batch of token ids, computed one reloaded layer at a time (all

@@ -33,10 +33,12 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: flo
     beforehand; by default they are searched (static) or chosen on entering each block (dynamic).
     """
     w = w.detach().float().clone()
-    h = h.float().clone()
+    h = h.float()
     out_f, n = w.shape
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    if dead.any():  # inputs that were always zero: a copy of h with them made harmless
+        h = h.clone()
+        h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
     fourbit = isinstance(scheme, FourBit)
@@ -56,11 +58,16 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: flo
         scales = search_row_scales(w, h).unsqueeze(1)  # one scale per row
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n, device=w.device)
-    w, hp = w[:, perm], h[perm][:, perm]
-    hp += damp * torch.mean(torch.diag(hp)) * torch.eye(n, device=w.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True)
+    w, hp = w[:, perm], h[perm.unsqueeze(1), perm.unsqueeze(0)]
+    if static:
+        h = None  # only dynamic block scales read it again; n x n floats each copy, so hold as few as can be
+    hp.diagonal().add_(damp * torch.mean(torch.diag(hp)))
+    hinv = torch.linalg.cholesky(hp)
+    del hp
+    hinv = torch.cholesky_inverse(hinv)
+    hinv = torch.linalg.cholesky(hinv, upper=True)
 
-    codes = torch.zeros(out_f, n, dtype=torch.long, device=w.device)
+    codes = torch.zeros(out_f, n, dtype=torch.uint8 if fourbit else torch.int8, device=w.device)
     block = 128 if static else max(g, 128 // g * g)  # dynamic scales need whole groups inside a block
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
@@ -79,7 +86,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: flo
             else:
                 c = torch.clamp(torch.round(x * (127.0 / torch.where(s > 0, s, torch.ones_like(s)))), -127, 127)
                 q = c * s * (1 / 127)
-            codes[:, col] = c.long()
+            codes[:, col] = c.to(codes.dtype)
             e = (x - q) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e

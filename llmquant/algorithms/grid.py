@@ -20,7 +20,8 @@ def nearest_code(x: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     """Index of the codebook value nearest to each element of ``x`` (any shape)."""
     values, order = torch.sort(cb)
     mids = (values[1:] + values[:-1]) / 2
-    return order[torch.bucketize(x.contiguous(), mids)]
+    # 32-bit indices: a weight-sized tensor of them is half the memory of int64 ones
+    return order.to(torch.int32)[torch.bucketize(x.contiguous(), mids, out_int32=True)]
 
 
 def round_4bit(w: torch.Tensor, scales: torch.Tensor, cb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +54,9 @@ def diagonal_blocks(h: torch.Tensor, group: int) -> torch.Tensor:
     return h[rows[:, :, None], rows[:, None, :]]
 
 
+SEARCH_CHUNK_WEIGHTS = 1 << 22
+
+
 def search_block_scales(w: torch.Tensor, h: torch.Tensor | None, group: int, quant_type: str,
                         grid: int = 20, min_ratio: float = 0.5) -> torch.Tensor:
     """Per block (``group`` consecutive inputs of a row), the scale in ``absmax * [min_ratio, 1]``
@@ -62,6 +66,9 @@ def search_block_scales(w: torch.Tensor, h: torch.Tensor | None, group: int, qua
     better one replaces it, so the result is never worse on this objective than bitsandbytes' own scale.
     """
     out_f, in_f = w.shape
+    rows = max(1, SEARCH_CHUNK_WEIGHTS // in_f)
+    if out_f > rows:  # rows are independent: a few at a time, each search's temporaries a fraction of the weight's
+        return torch.cat([search_block_scales(part, h, group, quant_type, grid, min_ratio) for part in w.split(rows)])
     cb = codebook(quant_type, w.device)
     blocks = w.float().reshape(out_f, in_f // group, group)
     absmax = blocks.abs().amax(-1)
