@@ -77,17 +77,22 @@ class _Inputs:
     sampled: int = 0
 
     def add(self, x: torch.Tensor, keep_tokens: int) -> None:
-        """Accumulate H (and, when ``keep_tokens`` > 0, mean |x| and a token sample for AWQ)."""
+        """Accumulate H (and, when ``keep_tokens`` > 0, mean |x| and a token sample for AWQ).
+
+        Each call's (one window's) sums are taken in float32 and added up in float64: the total then rounds to
+        the same float32 numbers whatever the order the windows are added in, so processes sharing the windows
+        out (:mod:`llmquant.distributed`) choose the very weights one process chooses.
+        """
         x = x.reshape(-1, x.shape[-1]).float()
         if self.h is None:
-            self.h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            self.abs_sum = torch.zeros(x.shape[1], device=x.device)
+            self.h = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=torch.float64)
+            self.abs_sum = torch.zeros(x.shape[1], device=x.device, dtype=torch.float64)
             self.abs_max = torch.zeros(x.shape[1], device=x.device)
-        self.h.addmm_(x.t(), x)
+        self.h.add_(x.t() @ x)
         self.tokens += len(x)
         if keep_tokens:
             ax = x.abs()
-            self.abs_sum += ax.sum(0)
+            self.abs_sum.add_(ax.sum(0))
             torch.maximum(self.abs_max, ax.amax(0), out=self.abs_max)
         if self.sampled < keep_tokens:
             take = x[: keep_tokens - self.sampled]
@@ -96,11 +101,11 @@ class _Inputs:
 
     @property
     def hessian(self) -> torch.Tensor:
-        return self.h / max(self.tokens, 1)
+        return (self.h / max(self.tokens, 1)).float()
 
     @property
     def abs_mean(self) -> torch.Tensor:
-        return self.abs_sum / max(self.tokens, 1)
+        return (self.abs_sum / max(self.tokens, 1)).float()
 
 
 class SequentialCalibrator:

@@ -12,8 +12,6 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import TEXT
-from test_stream import quiet
-from llmquant.recipe import Recipe
 
 
 def _free_port() -> int:
@@ -39,33 +37,25 @@ def _torchrun(recipe_file, nproc=2):
 
 @pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
 def test_two_processes_choose_the_weights_one_process_chooses(tiny_dirs, tmp_path, method):
+    """Byte for byte, with one thread per process in both runs: matrix products round differently with another
+    number of threads, in one process as in several."""
     calib = tmp_path / "calib.txt"
     calib.write_text(TEXT * 3)
     model = tiny_dirs("llama")
-    one = quiet(Recipe.from_dict(_recipe(model, tmp_path / "one", calib, method)))
-    rf = tmp_path / "two.yaml"
-    rf.write_text(yaml.safe_dump(_recipe(model, tmp_path / "two", calib, method)))
-    proc = _torchrun(rf)
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(_recipe(model, tmp_path / name, calib, method)))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    single = subprocess.run([sys.executable, "-m", "llmquant", "run", str(tmp_path / "one.yaml"), "--quiet"],
+                            capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    proc = _torchrun(tmp_path / "two.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert one.check.passed
-    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    codes = differing = 0
-    for k in a:
-        if a[k].dtype == torch.uint8 and k.endswith("proj.weight"):  # packed 4-bit codes, two per byte
-            lo, hi = a[k] & 15, a[k] >> 4
-            codes += 2 * a[k].numel()
-            differing += int(((b[k] & 15) != lo).sum() + ((b[k] >> 4) != hi).sum())
-        elif a[k].is_floating_point():
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
-        else:
-            assert int((a[k] != b[k]).sum()) <= max(1, a[k].numel() // 1000), k  # int8 codes, packed quant_state
-    assert codes > 10_000 and differing <= codes // 1000, (differing, codes)  # float summation order only
-    rec = [json.loads((tmp_path / d / "llmquant.json").read_text())["calibration"]["layers"] for d in ("one", "two")]
-    assert [r["layer"] for r in rec[0]] == [r["layer"] for r in rec[1]]
-    for r1, r2 in zip(*rec):
-        assert r2["layer_rel_error"] == pytest.approx(r1["layer_rel_error"], rel=1e-3)
-    assert json.loads((tmp_path / "two" / "llmquant.json").read_text())["calibration"]["windows"] == [5, 32]
+    a, b = (tmp_path / "one" / "model.safetensors").read_bytes(), (tmp_path / "two" / "model.safetensors").read_bytes()
+    assert a == b
+    assert len(load_file(str(tmp_path / "two" / "model.safetensors"))) > 20
+    rec = [json.loads((tmp_path / d / "llmquant.json").read_text())["calibration"] for d in ("one", "two")]
+    assert [r["layer_rel_error"] for r in rec[0]["layers"]] == [r["layer_rel_error"] for r in rec[1]["layers"]]
+    assert rec[1]["windows"] == [5, 32]
     assert not list(tmp_path.glob(".two.llmquant-partial-*"))  # the work folder, all processes' shares included
 
 
