@@ -88,7 +88,9 @@ class _Inputs:
             self.h = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=torch.float64)
             self.abs_sum = torch.zeros(x.shape[1], device=x.device, dtype=torch.float64)
             self.abs_max = torch.zeros(x.shape[1], device=x.device)
-        self.h.add_(x.t() @ x)
+        step = max(1, (1 << 23) // x.shape[1])  # the window's product a few columns at a time: small temporaries
+        for j in range(0, x.shape[1], step):
+            self.h[:, j : j + step].add_(x.t() @ x[:, j : j + step])
         self.tokens += len(x)
         if keep_tokens:
             ax = x.abs()
@@ -101,7 +103,7 @@ class _Inputs:
 
     @property
     def hessian(self) -> torch.Tensor:
-        return (self.h / max(self.tokens, 1)).float()
+        return self.h.float().div_(max(self.tokens, 1))
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -323,7 +325,8 @@ class SequentialCalibrator:
         for gi, group in enumerate(groups):
             if self.spec.true_sequential and gi > 0 and any(ALGORITHMS[self.entries[n].method].calibrated for n in group):
                 stats.update(self._measure(layer, inputs, group, stop_early=True)[0])  # as the quantized layers before give them
-            for batch in self._batches(group, stats):
+            batches = self._batches(group, stats)
+            for bi, batch in enumerate(batches):
                 e, st = self.entries[batch[0]], stats.get(batch[0])
                 modules = [self.model.get_submodule(n) for n in batch]
                 algo = ALGORITHMS[e.method]
@@ -334,9 +337,11 @@ class SequentialCalibrator:
                     qws = [ALGORITHMS["rtn"].quantize(layer_weight(modules[0]).detach(), e.scheme, self.plan.model_dtype)]
                 else:
                     ws = [layer_weight(m).detach() for m in modules]
+                    hessian = st.hessian
+                    if not any(stats.get(b[0]) is st for b in batches[bi + 1 :]):
+                        st.h = None  # its last use (statistics belong to one group): the sums go before the solve
 
                     def solve():
-                        hessian = st.hessian  # a new n x n tensor each time it is asked for
                         qws = algo.quantize_many(ws, e.scheme, self.plan.model_dtype, LayerStats(hessian, st.tokens, options))
                         return qws, [_rel_error(w.float(), qw, hessian) for w, qw in zip(ws, qws)]
 

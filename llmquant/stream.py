@@ -415,23 +415,8 @@ class StreamedQuantizer:
         """Embed the probe (and the calibration windows): the first decoder layer's inputs and call arguments."""
         outside = self._materialize_outside(layers)
         try:
-            saved: dict = {}
-
-            def grab(module, a, kw):
-                saved["x"] = a[0] if a else kw["hidden_states"]
-                saved["call"] = (a[1:], {k: v for k, v in kw.items() if k != "hidden_states"})
-                raise _Stop
-
-            handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-            try:
-                with torch.no_grad():
-                    try:
-                        self.model(self.probe_ids.to(self.device), use_cache=False)
-                    except _Stop:
-                        pass
-            finally:
-                handle.remove()
-            state = {"probe": saved["x"].cpu(), "probe_call": _to(saved["call"], "cpu")}
+            x, call = first_layer_input(self.model, layers[0], self.probe_ids.to(self.device))
+            state = {"probe": x, "probe_call": call}
             if self.calibrator is not None:
                 inputs, args, kwargs = self.calibrator._capture_first_inputs(layers[0])
                 state.update(inputs=[x.cpu() for x in inputs], calib_args=_to(args, "cpu"), calib_kwargs=_to(kwargs, "cpu"))
@@ -493,6 +478,28 @@ def release(model: nn.Module, names: list[str]) -> None:
         _release(model, n)
 
 
+def first_layer_input(model: nn.Module, first: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """What the model feeds its first decoder layer on ``ids``: the hidden state and the other call arguments
+    (attention mask, position embeddings...), on the CPU. The forward stops there."""
+    saved: dict = {}
+
+    def grab(module, a, kw):
+        saved["x"] = a[0] if a else kw["hidden_states"]
+        saved["call"] = (a[1:], {k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            try:
+                model(ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return saved["x"].cpu(), _to(saved["call"], "cpu")
+
+
 def logits_layer_by_layer(model: nn.Module, stack: str, n_layers: int, batches: list[torch.Tensor], layer_at, device,
                           desc: str | None = None):
     """A model's logits on each batch of token ids, one decoder layer at a time: every batch goes through the
@@ -502,24 +509,9 @@ def logits_layer_by_layer(model: nn.Module, stack: str, n_layers: int, batches: 
     first = model.get_submodule(stack)
     hidden, calls = [], []
     for ids in batches:
-        saved: dict = {}
-
-        def grab(module, a, kw):
-            saved["x"] = a[0] if a else kw["hidden_states"]
-            saved["call"] = (a[1:], {k: v for k, v in kw.items() if k != "hidden_states"})
-            raise _Stop
-
-        handle = first[0].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                try:
-                    model(ids.to(device), use_cache=False)
-                except _Stop:
-                    pass
-        finally:
-            handle.remove()
-        hidden.append(saved["x"].cpu())
-        calls.append(_to(saved["call"], "cpu"))
+        x, call = first_layer_input(model, first[0], ids.to(device))
+        hidden.append(x)
+        calls.append(call)
     for i in tqdm(range(n_layers), desc=desc, unit="layer", disable=desc is None):
         with layer_at(i) as layer:
             for b in range(len(hidden)):
