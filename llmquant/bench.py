@@ -235,3 +235,17 @@ def speed_table(speed: dict) -> str:
             lines.append(f"\n{label}: greedy output agrees with the baseline's for its first "
                          f"{r['greedy_agrees_with_baseline_for_tokens']} of {s['new_tokens']} tokens.")
     return "\n".join(lines) + "\n"
+
+
+def write_speed(folder, speed: dict) -> None:
+    """speed.json and speed.md into ``folder`` (each written whole, then renamed)."""
+    import json
+    import os
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in {"speed.json": json.dumps(speed, indent=2) + "\n", "speed.md": speed_table(speed)}.items():
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, folder / name)

@@ -65,6 +65,28 @@ class _Stop(Exception):
     pass
 
 
+def first_layer_input(model: nn.Module, first: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """What the model feeds its first decoder layer on ``ids``: the hidden state and the other call arguments
+    (positional, keyword: attention mask, position embeddings...). The forward stops there."""
+    saved: dict = {}
+
+    def grab(module, a, kw):
+        saved["x"] = (a[0] if a else kw["hidden_states"]).detach()
+        saved["call"] = (a[1:], {k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            try:
+                model(ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return saved["x"], saved["call"]
+
+
 @dataclass
 class _Inputs:
     """Statistics of one tensor fed to one or more Linear layers of the current decoder layer."""
@@ -133,27 +155,12 @@ class SequentialCalibrator:
     # ---- running one decoder layer on all calibration windows -------------------------------
 
     def _capture_first_inputs(self, first: nn.Module) -> tuple[list[torch.Tensor], tuple, dict]:
-        saved: dict = {}
-        inputs: list[torch.Tensor] = []
-
-        def hook(module, args, kwargs):
-            hs = args[0] if args else kwargs["hidden_states"]
-            inputs.append(hs.detach())
-            saved.setdefault("args", args[1:])
-            saved.setdefault("kwargs", {k: v for k, v in kwargs.items() if k != "hidden_states"})
-            raise _Stop
-
-        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                for w in self.windows[distributed.share(len(self.windows))]:  # all of them in one process
-                    try:
-                        self.model(w.unsqueeze(0).to(self._input_device()), use_cache=False)
-                    except _Stop:
-                        pass
-        finally:
-            handle.remove()
-        return inputs, saved["args"], saved["kwargs"]
+        inputs, calls = [], []
+        for w in self.windows[distributed.share(len(self.windows))]:  # all of them in one process
+            x, call = first_layer_input(self.model, first, w.unsqueeze(0).to(self._input_device()))
+            inputs.append(x)
+            calls.append(call)
+        return inputs, *calls[0]
 
     def _input_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device

@@ -197,27 +197,19 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import json
-    import os
-
     from . import results
-    from .bench import SpeedSettings, bench, speed_table
+    from .bench import SpeedSettings, bench, speed_table, write_speed
 
     try:
         sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--batch-sizes takes comma-separated whole numbers, e.g. 1,8; got {args.batch_sizes!r}") from None
     settings = SpeedSettings(sizes, args.prompt_tokens, args.new_tokens, args.repeats, args.warmup)
-    settings.check()
     models = {"baseline": args.baseline} if args.baseline else {}
     models["quantized" if args.baseline else "model"] = args.model
     speed = bench(models, settings, args.device, log=lambda m: print(m, file=sys.stderr))
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in {"speed.json": json.dumps(speed, indent=2) + "\n", "speed.md": speed_table(speed)}.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+    write_speed(out, speed)
     if (out / "results.json").is_file():
         res = results.load(out / "results.json")
         res["speed"] = speed

@@ -245,17 +245,12 @@ def write_streamed_checkpoint(folder: Path, work, model: nn.Module, tokenizer, p
                               extra_files: dict[str, str] | None = None) -> list[str]:
     """:func:`write_checkpoint` from a streamed run's work folder: the same tensors, order and shards, so the same
     bytes, read one tensor at a time."""
-    from safetensors import safe_open
-
     from .stream import tensor_ranges
 
     where, order, specs = {}, [], {}
     for step in work.steps():
-        path = work.path / f"{step}.safetensors"
-        ranges = tensor_ranges(path)
-        with safe_open(str(path), "pt") as h:
-            names = json.loads(h.metadata()["order"])
-        for k in names:
+        ranges, metadata = tensor_ranges(work.path / f"{step}.safetensors")
+        for k in json.loads(metadata["order"]):
             where[k], specs[k] = ranges[k], (ranges[k].dtype, ranges[k].shape)
             order.append(k)
     # the in-memory export's order: every planned layer's tensors, then the other tensors
@@ -269,8 +264,6 @@ def write_streamed_checkpoint(folder: Path, work, model: nn.Module, tokenizer, p
     shards = write_shards(specs, get, folder, max_shard_size)
     write_model_files(folder, model, tokenizer, plan, extra_files)
     return shards
-
-
 
 
 def _entry_of(key: str, rank: dict[str, int]) -> str:
@@ -563,13 +556,10 @@ def _verify(folder: Path, plan: Plan, ids: torch.Tensor, device, load, exact, ca
     t0 = time.perf_counter()
     try:
         fresh = load()
-    except Exception as e:
-        raise ExportCheckError(f"the written checkpoint does not load: {type(e).__name__}: {str(e).strip()[:300]}") from None
-    try:
         checked = exact(fresh)
     except ExportCheckError:
         raise
-    except Exception as e:  # a layer loaded later (streamed check), or tensors bitsandbytes cannot read
+    except Exception as e:  # also a layer loaded later (streamed check), or tensors bitsandbytes cannot read
         raise ExportCheckError(f"the written checkpoint does not load: {type(e).__name__}: {str(e).strip()[:300]}") from None
     ref_logits: list[torch.Tensor] = []
 

@@ -111,8 +111,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
         if evaluation and recipe.eval.baseline:
             t = time.perf_counter()
             key = evaluation.cache_key(fingerprint(src, model.config), model.dtype, model_device(model))
-            size = {**linear_size(model), "bytes": plan.float_bytes, "measured_from": "tensor data"}
-            evaluated["baseline"] = evaluation.run(model, _dtype_name(model.dtype), size, reference=True, cache_key=key)
+            evaluated["baseline"] = evaluation.run(model, _dtype_name(model.dtype), _baseline_size(model, plan), reference=True, cache_key=key)
             timings["eval_baseline"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -129,8 +128,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
 
         if evaluation:
             t = time.perf_counter()
-            size = {**planned_linear_size(plan, _head_name(model)), "bytes": plan.total_bytes, "measured_from": "plan"}
-            evaluated["quantized"] = evaluation.run(model, describe(plan), size)
+            evaluated["quantized"] = evaluation.run(model, describe(plan), _quantized_size(model, plan))
             timings["eval_quantized"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -246,13 +244,14 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
     key = WorkFolder.key(recipe.to_dict()["quantization"], recipe.to_dict().get("calibration"), fingerprint(src, model.config),
                          str(plan.model_dtype), device.type, [int(i) for i in ids[0]])
     work = WorkFolder(out, key).open()
-    evaluation = Evaluation(recipe.eval, tokenizer, progress, log.print, eval_text) if recipe.eval else None
+    # evaluation is process 0's alone, as writing is
+    evaluation = Evaluation(recipe.eval, tokenizer, progress, log.print, eval_text) if recipe.eval and distributed.rank() == 0 else None
     evaluated: dict[str, ModelResult] = {}
     if evaluation and recipe.eval.baseline:
         t = time.perf_counter()
-        key = evaluation.cache_key(fingerprint(src, model.config), plan.model_dtype, device)
-        size = {**linear_size(model), "bytes": plan.float_bytes, "measured_from": "tensor data"}
-        evaluated["baseline"] = _evaluate_streamed(evaluation, model, reader, device, _dtype_name(plan.model_dtype), size, key, progress)
+        cache_key = evaluation.cache_key(fingerprint(src, model.config), plan.model_dtype, device)
+        evaluated["baseline"] = _evaluate_streamed(evaluation, model, reader, device, _dtype_name(plan.model_dtype),
+                                                   _baseline_size(model, plan), cache_key, progress)
         timings["eval_baseline"] = time.perf_counter() - t
         t = time.perf_counter()
     calibrator = None
@@ -283,9 +282,9 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
         if evaluation:
             t = time.perf_counter()
             reload = LayeredReload(folder, plan.model_dtype, device)
-            size = {**planned_linear_size(plan, _head_name(model)), "bytes": plan.total_bytes, "measured_from": "plan"}
             try:
-                evaluated["quantized"] = evaluation.run(reload.model, describe(plan), size, device=device, logits_of=lambda xs: reload.logits(
+                evaluated["quantized"] = evaluation.run(reload.model, describe(plan), _quantized_size(model, plan), device=device,
+                                                        logits_of=lambda xs: reload.logits(
                     xs, desc="evaluating the export" if progress else None))
             finally:
                 reload.close()
@@ -320,23 +319,28 @@ def _bench(result: RunResult, src, log) -> None:
     recipe, out = result.recipe, result.output
     if not recipe.bench:
         return
-    from .bench import SpeedSettings, bench, speed_table
+    from .bench import SpeedSettings, bench, write_speed
 
     b = recipe.bench
     log.print("measuring speed (bench) ...")
     models = {"baseline": src, "quantized": str(out)} if b.baseline else {"quantized": str(out)}
     speed = bench(models, SpeedSettings(list(b.batch_sizes), b.prompt_tokens, b.new_tokens, b.repeats, b.warmup),
                   recipe.device, log=log.print)
-    for name, text in {"speed.json": json.dumps(speed, indent=2) + "\n", "speed.md": speed_table(speed)}.items():
-        (out / name).write_text(text, encoding="utf-8")
+    write_speed(out, speed)
     if result.results:
         result.results["speed"] = speed
     write_records(out, result, src.describe())  # results, llmquant.json and the card, with the speed
 
 
-def _head_name(model) -> str | None:
+def _baseline_size(model, plan: Plan) -> dict:
+    return {**linear_size(model), "bytes": plan.float_bytes, "measured_from": "tensor data"}
+
+
+def _quantized_size(model, plan: Plan) -> dict:
+    """The quantized model's size as stored (the plan's formats; layers kept in a narrower float count as such)."""
     head = model.get_output_embeddings()
-    return next((n for n, m in model.named_modules() if m is head), None)
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
+    return {**planned_linear_size(plan, head_name), "bytes": plan.total_bytes, "measured_from": "plan"}
 
 
 def _evaluate_streamed(evaluation: Evaluation, model, reader, device, label: str, size: dict, cache_key, progress: bool) -> ModelResult:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .memory import give_memory_back
 from .backends.bnb import without_cpu_repacking
-from .calibrate import _to
+from .calibrate import _to, first_layer_input
 from .errors import UserError
 from .plan import LLMQUANT_METHOD
 
@@ -101,15 +101,15 @@ class FileRange:
                 offset, left = offset + n, left - n
 
 
-def tensor_ranges(path: Path) -> dict[str, FileRange]:
-    """Where each tensor of a safetensors file lies in it (read from its header alone)."""
+def tensor_ranges(path: Path) -> tuple[dict[str, FileRange], dict[str, str]]:
+    """Where each tensor of a safetensors file lies in it, and the file's metadata (read from its header alone)."""
     torch_dtype = {name: dt for dt, name in _ST_DTYPES.items()}
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     return {k: FileRange(Path(path), 8 + n + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0],
-                         torch_dtype[v["dtype"]], tuple(v["shape"])) for k, v in header.items()}
+                         torch_dtype[v["dtype"]], tuple(v["shape"])) for k, v in header.items()}, metadata
 
 
 def _nbytes(dtype: torch.dtype, shape) -> int:
@@ -298,10 +298,6 @@ class WorkFolder:
 # ---- the streamed run --------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
 class StreamedQuantizer:
     """Quantize a skeleton model layer by layer from ``reader`` into ``work``; see the module docstring."""
 
@@ -416,7 +412,7 @@ class StreamedQuantizer:
         outside = self._materialize_outside(layers)
         try:
             x, call = first_layer_input(self.model, layers[0], self.probe_ids.to(self.device))
-            state = {"probe": x, "probe_call": call}
+            state = {"probe": x.cpu(), "probe_call": _to(call, "cpu")}
             if self.calibrator is not None:
                 inputs, args, kwargs = self.calibrator._capture_first_inputs(layers[0])
                 state.update(inputs=[x.cpu() for x in inputs], calib_args=_to(args, "cpu"), calib_kwargs=_to(kwargs, "cpu"))
@@ -478,28 +474,6 @@ def release(model: nn.Module, names: list[str]) -> None:
         _release(model, n)
 
 
-def first_layer_input(model: nn.Module, first: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-    """What the model feeds its first decoder layer on ``ids``: the hidden state and the other call arguments
-    (attention mask, position embeddings...), on the CPU. The forward stops there."""
-    saved: dict = {}
-
-    def grab(module, a, kw):
-        saved["x"] = a[0] if a else kw["hidden_states"]
-        saved["call"] = (a[1:], {k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            try:
-                model(ids, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return saved["x"].cpu(), _to(saved["call"], "cpu")
-
-
 def logits_layer_by_layer(model: nn.Module, stack: str, n_layers: int, batches: list[torch.Tensor], layer_at, device,
                           desc: str | None = None):
     """A model's logits on each batch of token ids, one decoder layer at a time: every batch goes through the
@@ -510,8 +484,8 @@ def logits_layer_by_layer(model: nn.Module, stack: str, n_layers: int, batches: 
     hidden, calls = [], []
     for ids in batches:
         x, call = first_layer_input(model, first[0], ids.to(device))
-        hidden.append(x)
-        calls.append(call)
+        hidden.append(x.cpu())
+        calls.append(_to(call, "cpu"))
     for i in tqdm(range(n_layers), desc=desc, unit="layer", disable=desc is None):
         with layer_at(i) as layer:
             for b in range(len(hidden)):
@@ -635,17 +609,11 @@ class LayeredReload:
         self.reader = CheckpointReader(self.folder)
 
     def load_layer(self, i: int) -> nn.Module:
-        """Decoder layer ``i`` built and filled as transformers would (on the meta device until now)."""
+        """Decoder layer ``i`` (1 or more) built and filled as transformers would (on the meta device until now)."""
         import bitsandbytes as bnb
-        from accelerate.utils import set_module_tensor_to_device
 
-        if i == 0:
-            return self.model.get_submodule(self.stack)[0]
         prefix = f"{self.stack}.{i}"
         layer = self.layers[i]
-        # what goes back in place once the layer has run (bitsandbytes' parameters cannot be deep-copied on meta)
-        self._blank = [(m, store, k, getattr(m, store)[k]) for m in layer.modules()
-                       for store in ("_parameters", "_buffers") for k in getattr(m, store) if getattr(m, store)[k] is not None]
         filled = set()
         for name, m in layer.named_modules():
             full = f"{prefix}.{name}" if name else prefix
@@ -661,16 +629,10 @@ class LayeredReload:
             else:
                 continue
             filled.add(f"{name}.weight" if name else "weight")
-        for name in state_names(layer):
-            if name in filled:
-                continue
-            full = f"{prefix}.{name}"
-            owner, _, leaf = name.rpartition(".")
-            m = layer.get_submodule(owner) if owner else layer
-            old = m._parameters.get(leaf) if leaf in m._parameters else m._buffers.get(leaf)
-            if full not in self.reader.where:
-                raise ValueError(f"tensor {full} is not in the files")
-            set_module_tensor_to_device(layer, name, self.device, value=self.reader.get(full).to(old.dtype))
+        missing = [n for n in state_names(layer) if n not in filled and f"{prefix}.{n}" not in self.reader.where]
+        if missing:
+            raise ValueError(f"tensor {prefix}.{missing[0]} is not in the files")
+        materialize(layer, prefix, self.reader, self.device, skip=filled)
         self.reader.close()
         layer.eval()
         if self.without_repacking:
@@ -686,13 +648,16 @@ class LayeredReload:
         if i == 0:
             yield self.model.get_submodule(self.stack)[0]
             return
+        # what goes back in place once the layer has run (bitsandbytes' parameters cannot be deep-copied on meta)
+        blank = [(m, store, k, v) for m in self.layers[i].modules() for store in ("_parameters", "_buffers")
+                 for k, v in getattr(m, store).items() if v is not None]
         layer = self.load_layer(i)
         try:
             if compare is not None:
                 compare(self.skeleton, f"{self.stack}.{i}")
             yield layer
         finally:
-            for m, store, k, v in self._blank:
+            for m, store, k, v in blank:
                 getattr(m, store)[k] = v
             for m in layer.modules():  # what the loading and the forward attached to the modules
                 if getattr(m, "quant_state", None) is not None:
