@@ -97,6 +97,12 @@ def render(folder: str | Path, model_id: str | None = None) -> str:
         *[f"| `{pat}` | {n} | {fmt} | {method} |" for pat, fmt, n, method in grouped_rows(meta["layers"])],
         "",
     ]
+    auto = meta.get("auto")
+    if auto:
+        lines += [f"The formats were chosen by llmquant for a budget of {auto['target'].replace('_', ' ')}: per layer, the "
+                  f"candidate formats ({', '.join(auto['candidates'])}) were scored by the KL divergence their error is "
+                  f"predicted to cause (Fisher-weighted output error on calibration text), and the least total under the "
+                  f"budget was chosen (predicted {auto['predicted_kl']:.4f} nats/token). `auto.png` shows the frontier.", ""]
     if results:
         from .results import protocol_line, table_rows
 

@@ -24,9 +24,9 @@ from .data import load_text
 from .evaluate import Evaluation, ModelResult, check_tasks, linear_size, planned_linear_size
 from .errors import UserError
 from .errors import ExportCheckError
-from .export import (MARKER_FILE, ExportCheck, atomic_output, check_output_dir, keep_unchecked, logits_on, model_device, probe_ids,
-                     probe_summary, safetensors_bytes, verify_export, verify_streamed_export, write_checkpoint,
-                     write_streamed_checkpoint)
+from .export import (MARKER_FILE, ExportCheck, atomic_output, check_output_dir, keep_in_fp32_modules, keep_unchecked, logits_on,
+                     model_device, probe_ids, probe_summary, safetensors_bytes, verify_export, verify_streamed_export,
+                     write_checkpoint, write_streamed_checkpoint)
 from .models import (TOKENIZER_FILES, fingerprint, has_tokenizer, load_config, load_model, load_tokenizer, pick_device, resolve_dtype,
                      resolve_source)
 from .stream import skeleton
@@ -49,6 +49,7 @@ class RunResult:
     calibration: dict | None = None  # per-layer reconstruction errors, when a method was calibrated
     streamed: bool = False  # quantized layer by layer from the checkpoint files, never whole in memory
     resumed_from: int = 0  # decoder layer a streamed run resumed at
+    auto: dict | None = None  # the format search of quantization.auto (llmquant.auto)
 
 
 def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, progress: bool = True) -> RunResult:
@@ -56,6 +57,9 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, p
     console = console or make_console()
     log = make_console(stderr=True)
     if distributed.launched() and not dry_run:
+        if recipe.quantization.auto is not None:
+            raise UserError("quantization.auto searches formats in one process: run it as one process, or put the rules it "
+                            "chose (`llmquant run --dry-run` prints them) into the recipe and launch that")
         return _run_distributed(recipe, console, log, progress)
     return _run(recipe, dry_run, console, log, progress)
 
@@ -87,17 +91,34 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
     dtype = resolve_dtype(m.dtype, src, config)
     frame = skeleton(config, dtype, m.trust_remote_code)
     plan = build_plan(frame, recipe.quantization, dtype)
+    auto_report = None
+    if recipe.quantization.auto is not None:
+        from . import auto
+
+        t = time.perf_counter()
+        problem = auto.prepare(recipe, frame, dtype)  # a budget that cannot be met fails here, before loading
+        recipe, auto_report = _choose_formats(recipe, problem, src, calib_text, log, progress)
+        timings["auto"] = time.perf_counter() - t
+        plan = build_plan(frame, recipe.quantization, dtype)
+        if auto_report["loadable_by"] == "transformers" and not plan.stock_compatible(keep_in_fp32_modules(frame)):
+            raise UserError("quantization.auto: the chosen formats are not all loadable by stock transformers "
+                            "(a keep-in-fp32 module of this model was given a 4-bit format?); pin it with a rule")
     if dry_run:
         print_plan(plan, console, per_layer=True)
         console.print(f"estimated checkpoint size: {human_bytes(plan.file_bytes_estimate())}")
-        return RunResult(recipe, plan, timings=timings)
+        if auto_report:
+            console.print(f"quantization.auto ({auto_report['target']}): predicted KL divergence "
+                          f"{auto_report['predicted_kl']:.4f} nats/token; the rules it chose:")
+            console.print(yaml_rules(recipe), markup=False, highlight=False)
+        return RunResult(recipe, plan, timings=timings, auto=auto_report)
     reader = _stream_reader(recipe, src, frame, log)
     if distributed.active() and (reader is None or not needs_calibration(plan)):
         raise UserError("a run over several processes shares out calibration windows of a streamed model: "
                         + ("this recipe calibrates nothing" if reader is not None else "this one loads the whole model (see above)")
                         + "; run it as one process")
     if reader is not None:
-        return _run_streamed(recipe, src, frame, plan, reader, calib_text, eval_text, console, log, progress, timings, t_start, device)
+        return _run_streamed(recipe, src, frame, plan, reader, calib_text, eval_text, console, log, progress, timings, t_start, device,
+                             auto_report)
     del frame
     log.print(f"loading {src.describe()} ...")
     model, tokenizer = load_model(src, m.dtype, recipe.device, m.trust_remote_code, allow_pickle=m.allow_pickle)
@@ -135,7 +156,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
         ids = probe_ids(tokenizer, model.config.get_text_config().vocab_size)
         info = {"source": src.describe(), "fingerprint": fingerprint(src, model.config),
                 "dtype": _dtype_name(model.dtype), "device": str(model_device(model))}
-        result = RunResult(recipe, plan, out, timings=timings, calibration=calibration_report)
+        result = RunResult(recipe, plan, out, timings=timings, calibration=calibration_report, auto=auto_report)
 
         def results():
             if evaluation:
@@ -156,6 +177,29 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
     print_summary(result, console)
     _push(recipe, out, console, log)
     return result
+
+
+def _choose_formats(recipe: Recipe, problem, src, calib_text, log, progress: bool):
+    """``quantization.auto`` resolved into rules on the float model (loaded whole for the gradients)."""
+    from . import auto
+    from .memory import give_memory_back
+
+    m = recipe.model
+    if calib_text is None:  # a dry run
+        calib_text = load_text(recipe.calibration.text, "calib")
+    log.print(f"loading {src.describe()} to choose the formats (quantization.auto) ...")
+    model, tokenizer = load_model(src, m.dtype, recipe.device, m.trust_remote_code, allow_pickle=m.allow_pickle)
+    try:
+        return auto.resolve(recipe, problem, model, tokenizer, calib_text.text, progress, log.print)
+    finally:
+        del model
+        give_memory_back()
+
+
+def yaml_rules(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump({"rules": recipe.to_dict()["quantization"]["rules"]}, sort_keys=False)
 
 
 def _export(result: RunResult, src, t_write: float, t_start: float, log, write, check, probe, results=lambda: None,
@@ -225,7 +269,7 @@ def _run_distributed(recipe: Recipe, console, log, progress: bool) -> RunResult:
 
 
 def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_text, console, log, progress, timings, t_start,
-                  device: torch.device | None = None) -> RunResult:
+                  device: torch.device | None = None, auto_report: dict | None = None) -> RunResult:
     """``run`` for a model streamed layer by layer from its checkpoint (see :mod:`llmquant.stream`).
 
     With ``eval:``, the baseline is evaluated streamed from the checkpoint before quantization, and the quantized
@@ -274,7 +318,7 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
         calibration_report = _calibration_summary(calibrator, calib_text)
         log.print(calibration_report["summary"])
     result = RunResult(recipe, plan, out, timings=timings, calibration=calibration_report, streamed=True,
-                       resumed_from=streamer.resumed_from)
+                       resumed_from=streamer.resumed_from, auto=auto_report)
     info = {"source": src.describe(), "fingerprint": fingerprint(src, model.config), "dtype": _dtype_name(plan.model_dtype),
             "device": str(device)}
 
@@ -373,6 +417,10 @@ def write_records(folder: Path, result: RunResult, source: str) -> None:
     meta = run_metadata(result, source)
     meta["files"] = file_digests(folder)
     (folder / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if result.auto:
+        from . import auto
+
+        auto.plot(result.auto, folder / "auto.png", f"{Path(result.recipe.output.dir).name}: formats chosen for {result.auto['target']}")
     hub = result.recipe.hub
     (folder / "README.md").write_text(card.render(folder, hub.repo if hub else Path(result.recipe.output.dir).name))
 
@@ -458,6 +506,7 @@ def run_metadata(r: RunResult, source: str) -> dict:
         "export_check": r.check.to_dict() if r.check else None,
         "loading": {"streamed": r.streamed, "resumed_from_layer": r.resumed_from},
         "calibration": r.calibration,
+        "auto": r.auto,
         "timings_seconds": {k: round(v, 2) for k, v in r.timings.items()},
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__,

@@ -18,13 +18,13 @@ from torch import nn
 from .errors import UserError
 from .recipe import Quantization
 from .schemes import (
-    BNB_BLOCKSIZES, CPU_4BIT_ROW_TILE, DTYPE_NAMES, NESTED_BLOCKSIZE, STOCK_BLOCKSIZE, FourBit, Int8, Keep,
+    BNB_BLOCKSIZES, CPU_4BIT_ROW_TILE, DTYPE_NAMES, NESTED_BLOCKSIZE, FourBit, Int8, Keep,
 )
 
 LLMQUANT_METHOD = "llmquant"
 FORMAT_VERSION = 1
 # A safetensors header entry is about this long besides the tensor's name.
-_HEADER_BYTES_PER_TENSOR = 72
+HEADER_BYTES_PER_TENSOR = 72
 
 
 def _quant_state_json_bytes(s: FourBit, shape: tuple[int, int], dtype: torch.dtype) -> int:
@@ -109,7 +109,7 @@ class Plan:
     def file_bytes_estimate(self) -> int:
         """Expected size of the safetensors files (data plus headers)."""
         specs = self.tensor_specs()
-        return self.total_bytes + sum(len(n) + _HEADER_BYTES_PER_TENSOR for n in specs)
+        return self.total_bytes + sum(len(n) + HEADER_BYTES_PER_TENSOR for n in specs)
 
     def linear_bits_per_weight(self) -> float:
         """Average stored bits per weight (scales included, biases not) over the layers given a format."""
@@ -126,16 +126,14 @@ class Plan:
 
     # ---- the checkpoint's quantization_config ----------------------------------
 
-    def uniform_scheme(self) -> Int8 | FourBit | None:
-        schemes = {e.scheme for e in self.quantized_entries}
-        return schemes.pop() if len(schemes) == 1 else None
-
     def stock_compatible(self, keep_in_fp32: list[str] | None = None) -> bool:
-        """Can stock transformers + bitsandbytes load this checkpoint with no llmquant installed?"""
-        s = self.uniform_scheme()
-        if s is None:
-            return False
-        if isinstance(s, FourBit) and s.group_size != STOCK_BLOCKSIZE:
+        """Can stock transformers + bitsandbytes load this checkpoint with no llmquant installed?
+
+        One INT8 format for every quantized layer, or 4-bit layers only, in any mix of NF4/FP4, block sizes
+        and double quantization: bitsandbytes reads a 4-bit layer's type, block size and double quantization
+        from the ``quant_state`` stored beside each weight, not from the config."""
+        schemes = {e.scheme for e in self.quantized_entries}
+        if not (all(isinstance(s, FourBit) for s in schemes) or (len(schemes) == 1 and isinstance(next(iter(schemes)), Int8))):
             return False
         # Stock transformers loads a skipped layer's weight in its stored dtype (no cast to the
         # model's), so a layer kept as fp16 in an fp32 model would not run there.
@@ -156,13 +154,18 @@ class Plan:
     def _stock_config(self) -> dict:
         from transformers import BitsAndBytesConfig
 
-        s = self.uniform_scheme()
         skip = [e.name for e in self.entries if not e.quantized]
-        if isinstance(s, Int8):
-            cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=s.threshold, llm_int8_skip_modules=skip)
-        else:
+        first = self.quantized_entries[0].scheme
+        if isinstance(first, Int8):
+            cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=first.threshold, llm_int8_skip_modules=skip)
+        else:  # the config names the 4-bit type and double quantization most weights have
+            weights: dict[tuple[str, bool], int] = {}
+            for e in self.quantized_entries:
+                key = (e.scheme.format, e.scheme.double_quant)
+                weights[key] = weights.get(key, 0) + e.numel
+            quant_type, dq = max(weights, key=weights.get)
             cfg = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type=s.format, bnb_4bit_use_double_quant=s.double_quant,
+                load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=dq,
                 bnb_4bit_compute_dtype=self.model_dtype, llm_int8_skip_modules=skip,
             )
         return cfg.to_dict()

@@ -113,6 +113,43 @@ class Rule(StrictModel):
         return d
 
 
+class AutoSpec(StrictModel):
+    """Let llmquant choose the format of every layer no rule pins, for a size budget (see llmquant.auto)."""
+
+    # The budget, one of: average stored bits per weight over the formatted Linear layers (scales
+    # included, as llmquant reports it), or the checkpoint's size ("4GB").
+    bits_per_weight: float | None = Field(None, gt=0, le=32)
+    max_size: str | None = None
+    # Formats to choose from (default: NF4 at block 32/64/128/256 with and without double
+    # quantization, INT8, and the layer kept in the model's dtype).
+    candidates: list[Scheme] | None = None
+    # "transformers": only mixes stock transformers loads without llmquant (4-bit formats and
+    # float layers in the model's dtype; INT8 candidates are dropped beside 4-bit ones).
+    loadable_by: Literal["any", "transformers"] = "any"
+    # Calibration windows (the first of calibration's) run forward and backward to measure sensitivity.
+    windows: int = Field(32, ge=1)
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        return [parse_scheme(x) for x in v] if isinstance(v, list) else v
+
+    @field_validator("max_size")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None and parse_size(v) <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "AutoSpec":
+        if (self.bits_per_weight is None) == (self.max_size is None):
+            raise ValueError("give one budget: bits_per_weight (e.g. 4.5) or max_size (e.g. 4GB)")
+        if self.candidates is not None and not self.candidates:
+            raise ValueError("candidates: give at least one format")
+        return self
+
+
 class Quantization(StrictModel):
     # Format of every Linear layer no rule matches.
     default: Scheme = Field(default_factory=lambda: FourBit(format="nf4"))
@@ -124,6 +161,8 @@ class Quantization(StrictModel):
     # How weights are chosen: "rtn" (round to nearest, what bitsandbytes itself does), or a
     # calibrated method (scale_search, gptq, awq, awq+gptq; needs a calibration section).
     method: str = "rtn"
+    # Choose the formats of the layers no rule pins for a budget (needs a calibration section).
+    auto: AutoSpec | None = None
 
     @field_validator("default", mode="before")
     @classmethod
@@ -312,6 +351,12 @@ class Recipe(StrictModel):
         calibrated = sorted(m for m in methods if ALGORITHMS[m].calibrated)
         if calibrated and self.calibration is None:
             raise ValueError(f"method {calibrated[0]} needs calibration data: add a calibration section (text, nsamples, seqlen)")
+        if q.auto is not None:
+            if self.calibration is None:
+                raise ValueError("quantization.auto measures sensitivity on calibration text: add a calibration section")
+            if ALGORITHMS[q.method].scales_inputs:
+                raise ValueError(f"quantization.auto works with methods rtn, scale_search and gptq, not {q.method} "
+                                 "(its scales depend on the format chosen)")
         return self
 
     @field_validator("device")

@@ -122,7 +122,7 @@ def _fmt(v, kind: str = "") -> str:
 
 def table_rows(res: dict) -> tuple[list[str], list[list[str]]]:
     """Columns (model labels, then Δ for two models) and rows of the results table."""
-    models = res["models"]
+    models = _models(res)
     labels = list(models)
     base = models.get("baseline")
     two = base is not None and len(labels) == 2
@@ -148,6 +148,11 @@ def table_rows(res: dict) -> tuple[list[str], list[list[str]]]:
     row("KL divergence, median", lambda m: (m.get("kl_divergence") or {}).get("median"))
     row("KL divergence, 99th percentile", lambda m: (m.get("kl_divergence") or {}).get("p99"))
     row("top-1 agreement with baseline", lambda m: m.get("top1_agreement"), "share")
+    speeds = [m["speed"] for m in models.values() if m.get("speed")]
+    if speeds:
+        bs = speeds[0]["batch_size"]
+        row(f"decode tokens/s (batch {bs}, {speeds[0]['where']})", lambda m: (m.get("speed") or {}).get("decode_tokens_per_second"))
+        row(f"prefill tokens/s (batch {bs})", lambda m: (m.get("speed") or {}).get("prefill_tokens_per_second"))
     tasks = sorted({t for m in models.values() for t in m.get("tasks", {})})
     for t in tasks:
         for metric in TASK_METRICS:
@@ -217,22 +222,30 @@ def rich_table(res: dict):
 
 
 def plot(points: list[dict], path: Path, title: str) -> None:
-    """Perplexity against size, one labelled point per model."""
+    """Perplexity against size, one labelled point per model; beside it perplexity against decode speed when
+    the points carry a speed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [p for p in points if p.get("perplexity") and p.get("bytes")]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for p in pts:
-        ax.scatter(p["bytes"] / 1e6, p["perplexity"], s=40, zorder=3)
-        ax.annotate(p["name"], (p["bytes"] / 1e6, p["perplexity"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.margins(0.2)
-    ax.set_xlabel("checkpoint size (MB)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
+    panels = [("bytes", lambda p: p["bytes"] / 1e6, "checkpoint size (MB)")]
+    speeds = [p["speed"] for p in points if p.get("speed")]
+    if speeds:
+        s = speeds[0]
+        panels.append(("speed", lambda p: p["speed"]["decode_tokens_per_second"],
+                       f"decode tokens/s, batch {s['batch_size']}, {s['where']} (higher is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), dpi=120, squeeze=False)
+    for ax, (key, x, label) in zip(axes[0], panels):
+        for i, p in enumerate(points):
+            if p.get("perplexity") and p.get(key):
+                ax.scatter(x(p), p["perplexity"], s=40, zorder=3, color=f"C{i % 10}")
+                ax.annotate(p["name"], (x(p), p["perplexity"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.margins(0.2)
+        ax.set_xlabel(label)
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title + (" and decode speed" if speeds else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -240,9 +253,9 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 
 def points(res: dict, prefix: str = "") -> list[dict]:
     out = []
-    for key, m in res["models"].items():
+    for key, m in _models(res).items():
         name = f"{prefix}{key}" if key in ("baseline", "quantized") and prefix else (m["label"] if m["label"] != key else key)
-        out.append({"name": name, "bytes": m["size"].get("bytes"), "perplexity": m.get("perplexity")})
+        out.append({"name": name, "bytes": m["size"].get("bytes"), "perplexity": m.get("perplexity"), "speed": m.get("speed")})
     return out
 
 
@@ -266,6 +279,7 @@ def compare(paths: list[str]) -> dict:
     ref_path, ref = loaded[0]
     key = _protocol_key(ref)
     models: dict[str, dict] = {}
+    speed_key, speed_dropped = None, []
     for path, res in loaded:
         if _protocol_key(res) != key:
             raise UserError(
@@ -273,7 +287,15 @@ def compare(paths: list[str]) -> dict:
                 f"{_protocol_summary(ref)}); only results measured the same way can be compared"
             )
         name = _name(path, res)
+        speed = _speed_of(path, res)
+        if speed is not None:
+            k = _speed_key(speed)
+            speed_key = speed_key or k
+            if k != speed_key:  # another device or other settings: not comparable, left out of the speed columns
+                speed_dropped.append(str(path))
+                speed = None
         for k, m in res["models"].items():
+            m = {**m, "speed": _speed_summary(speed, k, res)} if speed is not None else m
             if k == "baseline":
                 if "baseline" in models:
                     continue  # one baseline (the same text and protocol); keep the first
@@ -281,9 +303,47 @@ def compare(paths: list[str]) -> dict:
             else:
                 models[name if len(res["models"]) <= 2 else f"{name}:{k}"] = {**m, "label": name}
     merged = {**ref, "models": models, "recipe": None, "compared": [str(p) for p, _ in loaded]}
+    merged.pop("speed", None)  # per model now, under models.*.speed
+    if speed_dropped:
+        merged["speed_left_out"] = {"paths": speed_dropped, "why": "measured on another device or with other bench settings"}
     base = models.get("baseline")
     merged["deltas"] = {k: deltas(base, m) for k, m in models.items() if base is not None and k != "baseline"}
     return merged
+
+
+def _models(res: dict) -> dict:
+    """``res``'s models, each with its speed summary when the results carry a bench."""
+    speed = res.get("speed")
+    if not speed:
+        return res["models"]
+    return {k: {**m, "speed": m.get("speed") or _speed_summary(speed, k, res)} for k, m in res["models"].items()}
+
+
+def _speed_of(path: str, res: dict) -> dict | None:
+    """The bench of a results file: its ``speed`` section, or speed.json beside it."""
+    if res.get("speed"):
+        return res["speed"]
+    p = Path(path)
+    f = (p if p.is_dir() else p.parent) / "speed.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _speed_key(speed: dict) -> str:
+    where = {k: speed.get(k) for k in ("gpu", "cpu_threads", "machine", "processor", "torch", "bitsandbytes")}
+    return json.dumps({"settings": speed["settings"], "where": where}, sort_keys=True)
+
+
+def _speed_summary(speed: dict, key: str, res: dict) -> dict | None:
+    """One model's batch-1 (first batch size) medians from a bench; ``key`` names the model in ``res``."""
+    others = [k for k in res["models"] if k != "baseline"]
+    label = key if key == "baseline" else next((s for s in ("quantized", "model") if s in speed["models"] and len(others) == 1), key)
+    r = speed["models"].get(label)
+    if r is None:
+        return None
+    row = r["rows"][0]
+    return {"batch_size": row["batch_size"], "decode_tokens_per_second": row["decode_tokens_per_second"]["median"],
+            "prefill_tokens_per_second": row["prefill_tokens_per_second"]["median"],
+            "where": speed.get("gpu") or f"CPU {speed['cpu_threads']} threads"}
 
 
 def _protocol_key(res: dict) -> str:

@@ -45,6 +45,10 @@ ROWS = {
     "awq+gptq-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "awq+gptq"}),
     "gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "gptq"}),
     "awq+gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "awq+gptq"}),
+    # formats chosen per layer by quantization.auto for 4.5 bits per weight (the size of NF4 block 64), weights by GPTQ
+    "auto-4.5-gptq": ("llmquant", {"auto": {"bits_per_weight": 4.5}, "method": "gptq"}),
+    "auto-4.5-gptq-stock": ("llmquant", {"auto": {"bits_per_weight": 4.5, "loadable_by": "transformers"}, "method": "gptq"}),
+    "auto-4.5-gptq-w16": ("llmquant", {"auto": {"bits_per_weight": 4.5, "windows": 16}, "method": "gptq"}),
     "hqq-4bit-g64": ("hqq", None),
     "llmcompressor-gptq-w4g64": ("llmcompressor", None),
 }
@@ -102,7 +106,7 @@ def main() -> None:
         gc.collect()
         t0 = time.perf_counter()
         try:
-            m = _make(kind, opt, src, args, device, cwin, spec, tok)
+            m = _make(kind, opt, src, args, device, cwin, spec, tok, calib.text)
         except ImportError as e:
             print(f"{name:26s} skipped ({e})", flush=True)
             continue
@@ -132,7 +136,14 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows_out}, indent=2))
 
 
-def _make(kind, opt, src, args, device, cwin, spec, tok):
+def _count(report) -> dict:
+    out: dict = {}
+    for layer in report["layers"].values():
+        out[layer["chosen"]] = out.get(layer["chosen"], 0) + 1
+    return out
+
+
+def _make(kind, opt, src, args, device, cwin, spec, tok, calib_text):
     from transformers import AutoModelForCausalLM
 
     from llmquant.calibrate import SequentialCalibrator, needs_calibration
@@ -146,9 +157,22 @@ def _make(kind, opt, src, args, device, cwin, spec, tok):
         return load_model(src, args.dtype, str(device))[0]
     if kind == "llmquant":
         m, _ = load_model(src, args.dtype, str(device))
-        plan = build_plan(m, Quantization.model_validate(opt), m.dtype)
+        q = Quantization.model_validate(opt)
+        if q.auto is not None:  # formats chosen first, on the float model (calibration: the same windows)
+            from llmquant import auto
+            from llmquant.recipe import Recipe
+
+            r = Recipe.model_validate({"model": {"source": src.location}, "quantization": q, "calibration": spec, "output": {"dir": "-"}})
+            r, report = auto.resolve(r, auto.prepare(r, m, m.dtype), m, tok, calib_text, progress=False, log=lambda *a: None)
+            q = r.quantization
+            if args.json:
+                auto.plot(report, Path(args.json).with_suffix(f".{opt['auto'].get('loadable_by', 'any')}.auto.png"), f"{args.model}: {report['target']}")
+            print(f"  auto: predicted KL {report['predicted_kl']:.4f}, search {report['seconds']:.0f} s, " + ", ".join(
+                f"{k} x{v}" for k, v in _count(report).items()), flush=True)
+        plan = build_plan(m, q, m.dtype)
         cal = SequentialCalibrator(m, plan, cwin, spec, device, progress=False, log=lambda *a: None) if needs_calibration(plan) else None
         quantize_model(m, plan, progress=False, calibration=cal)
+        m.llmquant_plan = plan  # sizes as the checkpoint stores them (a kept fp16 layer computes in the model's dtype)
         return m
     if kind == "bnb":
         from transformers import BitsAndBytesConfig
@@ -185,6 +209,8 @@ def _bits(kind, m, linear_size) -> float:
         return 4 + 2 * 16 / 64
     if kind == "llmcompressor":  # 4-bit codes, fp16 scale per group of 64 (symmetric: no zero point)
         return 4 + 16 / 64
+    if hasattr(m, "llmquant_plan"):
+        return m.llmquant_plan.linear_bits_per_weight()
     return linear_size(m)["linear_bits_per_weight"]
 
 

@@ -75,6 +75,22 @@ def test_compare_merges_same_protocol_and_refuses_others(tiny_dirs, tmp_path, te
     assert merged["models"]["int8"]["perplexity"] < merged["models"]["nf4"]["perplexity"]
     assert "| int8 |" in (tmp_path / "cmp" / "results.md").read_text() or "int8" in (tmp_path / "cmp" / "results.md").read_text()
     assert (tmp_path / "cmp" / "results.png").is_file()
+    assert "decode tokens/s" not in (tmp_path / "cmp" / "results.md").read_text()  # no bench, no speed rows
+    # with a bench beside each result, compare puts speed beside quality (same settings and device only)
+    bench = ["--prompt-tokens", "8", "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
+    for name in ("nf4", "int8"):
+        assert main(["bench", str(tmp_path / name), "--baseline", str(tiny_dirs("llama")), "--output", str(tmp_path / name), *bench]) == 0
+        speed = json.loads((tmp_path / name / "speed.json").read_text())
+    assert main(["compare", str(tmp_path / "nf4"), str(tmp_path / "int8"), "--output", str(tmp_path / "cmp")]) == 0
+    merged = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    int8 = merged["models"]["int8"]["speed"]
+    assert int8["decode_tokens_per_second"] == speed["models"]["quantized"]["rows"][0]["decode_tokens_per_second"]["median"]
+    assert merged["models"]["baseline"]["speed"]["batch_size"] == 1 and "speed_left_out" not in merged
+    assert "decode tokens/s (batch 1, CPU" in (tmp_path / "cmp" / "results.md").read_text()
+    assert main(["bench", str(tmp_path / "int8"), "--output", str(tmp_path / "int8"), *bench[:-4], "--repeats", "2"]) == 0
+    assert main(["compare", str(tmp_path / "nf4"), str(tmp_path / "int8"), "--output", str(tmp_path / "cmp")]) == 0
+    merged = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert merged["speed_left_out"]["paths"] == [str(tmp_path / "int8")] and merged["models"]["int8"].get("speed") is None
     quiet(eval_recipe(tiny_dirs("llama"), tmp_path / "other", text_file, seqlen=16))
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "nf4"), str(tmp_path / "other"), "--output", str(tmp_path / "cmp2")]) == 2

@@ -75,10 +75,23 @@ def test_export_reloads_to_the_same_model(tiny_dirs, tmp_path, arch, name):
     assert abs(est - got) / got < 0.02, (est, got)
 
 
-def test_uniform_export_loads_without_llmquant(tiny_dirs, tmp_path):
+STOCK_LOADABLE = {
+    "nf4": RECIPES["nf4"],
+    # any mix of 4-bit types, block sizes and double quantization, and layers kept in the model's dtype
+    "4bit-mix": {"default": {"format": "nf4", "group_size": 32},
+                 "rules": [{"match": "*.v_proj", "format": "fp4", "group_size": 128, "double_quant": True},
+                           {"match": "*.down_proj", "format": "nf4", "group_size": 256, "double_quant": True},
+                           {"match": "*.layers.0.mlp.up_proj", "format": "fp32"}]},
+    "int8+kept": {"default": {"format": "int8", "threshold": 0.0}, "rules": [{"match": "*.o_proj", "format": "fp32"}]},
+}
+
+
+@pytest.mark.parametrize("name", list(STOCK_LOADABLE))
+def test_export_loads_without_llmquant(tiny_dirs, tmp_path, name):
     """Stock transformers + bitsandbytes, in a process where llmquant cannot be imported at all."""
     out = tmp_path / "out"
-    quiet_run(recipe(tiny_dirs("llama"), out, RECIPES["nf4"]))
+    quiet_run(recipe(tiny_dirs("llama"), out, STOCK_LOADABLE[name]))
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
     expected = logits_on(load_export(out, "cpu"), probe_ids(None, 512))
     torch.save(expected, tmp_path / "expected.pt")
     code = f"""
@@ -95,11 +108,15 @@ with torch.no_grad(): got = m(ids).logits.float()
 exp = torch.load({str(tmp_path / 'expected.pt')!r})
 assert (got - exp).abs().max() <= 1e-4 * exp.abs().max(), (got - exp).abs().max()
 assert 'llmquant' not in sys.modules
-print('OK', type(m.model.layers[0].mlp.up_proj).__name__)
+print('OK', *(type(m.get_submodule(n)).__name__ for n in ('model.layers.0.mlp.up_proj', 'model.layers.1.mlp.up_proj')))
+qs = getattr(m.model.layers[1].mlp.down_proj.weight, 'quant_state', None)
+print('down_proj', qs.blocksize if qs is not None else None)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "OK Linear4bit" in proc.stdout
+    expected = {"nf4": "OK Linear4bit Linear4bit\ndown_proj 64", "4bit-mix": "OK Linear Linear4bit\ndown_proj 256",
+                "int8+kept": "OK Linear8bitLt Linear8bitLt\ndown_proj None"}[name]
+    assert expected in proc.stdout, proc.stdout
 
 
 def test_failed_check_leaves_nothing_and_keeps_previous_export(tiny_dirs, tmp_path, monkeypatch):

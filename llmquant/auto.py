@@ -1,0 +1,445 @@
+"""Automatic mixed precision: every layer's format chosen for a size budget.
+
+``quantization.auto`` turns into explicit rules before anything is quantized, so the resolved recipe
+(``recipe.yaml`` of the export) re-runs without searching. Three steps:
+
+1. **Sensitivity.** On calibration windows the float model runs forward and backward, with the loss
+   of tokens sampled from its own output distribution (so the gradients estimate the Fisher
+   information of the output, the curvature of the KL divergence). Each Linear layer gets
+   ``F_j = mean_t g_tj²`` (the squared gradient of its output channel ``j``) and its input statistics
+   ``H = mean_t x_t x_tᵀ``. A weight error ``E = W - Q(W)`` then costs about
+   ``½ Σ_j F_j (E H Eᵀ)_jj`` nats per token of KL divergence (second order, channels and layers
+   taken as independent). ``Q`` is each candidate format's real bitsandbytes grid: round to
+   nearest, and for INT8 the simulated LLM.int8 product on a token sample (its activation error
+   counts too). For a calibrated method (``scale_search``, ``gptq``) the method is run for one
+   reference 4-bit format per layer, and the layer's 4-bit scores are scaled by how much it
+   lowers that format's error.
+2. **Allocation.** A multiple-choice knapsack, solved exactly by dynamic programming over sizes
+   rounded up to a fine unit (so the budget always holds, and the answer is optimal for the rounded
+   sizes): the least predicted KL whose bytes fit. The same table gives the best predicted KL at
+   every size: the frontier, plotted with the uniform formats beside it.
+3. **Rules.** One rule per chosen format (a glob over the decoder layers where every layer agrees,
+   names otherwise), after the recipe's own rules, which keep their layers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .plan import HEADER_BYTES_PER_TENSOR, Plan, PlanEntry, entry_tensors, matches
+from .schemes import BNB_BLOCKSIZES, CPU_4BIT_ROW_TILE, DTYPE_NAMES, FourBit, Int8, Keep
+
+# Cells of the allocation table: sizes are counted in units of (largest size / this), rounded up.
+TABLE_CELLS = 1 << 18
+# Tokens per Linear input kept to measure INT8 candidates (LLM.int8 quantizes activations per token).
+INT8_SAMPLE_TOKENS = 2048
+
+
+def default_candidates(model_dtype: torch.dtype, loadable_by: str = "any") -> list:
+    """NF4 at block 32 to 256 with and without double quantization, INT8, and the layer kept as it is (and in
+    float16 when the model computes in float32, unless the checkpoint must load in stock transformers)."""
+    menu: list = [FourBit(format="nf4", group_size=g, double_quant=dq) for g in (32, 64, 128, 256) for dq in (False, True)]
+    menu += [Int8(), Keep(format=DTYPE_NAMES[model_dtype])]
+    if model_dtype == torch.float32 and loadable_by == "any":
+        menu.append(Keep(format="fp16"))
+    return menu
+
+
+def check_candidates(candidates: list, loadable_by: str, model_dtype: torch.dtype) -> list:
+    """The menu for ``loadable_by``, or one line saying why it cannot be used."""
+    for c in candidates:
+        if isinstance(c, Keep) and c.dtype.itemsize > model_dtype.itemsize:
+            raise UserError(f"quantization.auto: candidate {c.label()} is wider than the model's dtype {DTYPE_NAMES[model_dtype]}")
+        if loadable_by == "transformers" and isinstance(c, Keep) and c.dtype != model_dtype:
+            raise UserError(f"quantization.auto: candidate {c.label()} is not the model's dtype ({DTYPE_NAMES[model_dtype]}); "
+                            "stock transformers would not cast it (loadable_by: transformers)")
+    if loadable_by == "transformers" and any(isinstance(c, FourBit) for c in candidates):
+        candidates = [c for c in candidates if not isinstance(c, Int8)]  # INT8 beside 4-bit needs llmquant's format
+    if loadable_by == "transformers" and len({c for c in candidates if isinstance(c, Int8)}) > 1:
+        raise UserError("quantization.auto: stock transformers reads one INT8 threshold; give one int8 candidate")
+    if not candidates:
+        raise UserError("quantization.auto: no candidate formats left")
+    return candidates
+
+
+def fits(c, e: PlanEntry) -> bool:
+    if isinstance(c, FourBit):
+        return e.in_features % c.group_size == 0 and e.out_features % CPU_4BIT_ROW_TILE == 0
+    return True
+
+
+# ---- 1. sensitivity ---------------------------------------------------------------------------
+
+
+class _Stats:
+    """One Linear input's ``Σ x xᵀ`` and a token sample (shared by layers reading the same tensor)."""
+
+    def __init__(self):
+        self.h, self.tokens, self.sample = None, 0, []
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.h = x.t() @ x if self.h is None else self.h.addmm_(x.t(), x)
+        self.tokens += len(x)
+        have = sum(len(s) for s in self.sample)
+        if have < INT8_SAMPLE_TOKENS:
+            self.sample.append(x[: INT8_SAMPLE_TOKENS - have].clone())
+
+
+def measure(model: nn.Module, entries: list[PlanEntry], windows: torch.Tensor, seed: int, progress: bool = True):
+    """Per layer: Fisher weights of its output channels ``F`` and its input statistics (see the module docstring)."""
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fisher: dict[str, torch.Tensor] = {}
+    stats: dict[str, _Stats] = {}
+    # input tensor of this forward -> its statistics; the tensor is held until the forward ends, so that its memory
+    # cannot come back (same address, same shape) as another layer's input and be taken for the same tensor
+    seen: dict[tuple, tuple[_Stats, torch.Tensor]] = {}
+    handles = []
+
+    def hooks(name: str):
+        def pre(module, args):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            if key not in seen:  # layers reading the very same tensor (q/k/v, gate/up) share statistics
+                seen[key] = (stats.get(name) or _Stats(), x)
+                seen[key][0].add(x.detach())
+            stats[name] = seen[key][0]
+
+        def post(module, args, out):
+            def grad(g):
+                g2 = g.detach().reshape(-1, g.shape[-1]).float().square().sum(0)
+                fisher[name] = g2 if name not in fisher else fisher[name].add_(g2)
+            if out.requires_grad:
+                out.register_hook(grad)
+
+        return pre, post
+
+    for e in entries:
+        m = model.get_submodule(e.name)
+        pre, post = hooks(e.name)
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    emb = model.get_input_embeddings()
+    handles.append(emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    tokens = 0
+    try:
+        for w in tqdm(windows, desc="sensitivity", unit="window", disable=not progress):
+            seen.clear()
+            logits = model(w.unsqueeze(0).to(device), use_cache=False).logits[0].float()
+            with torch.no_grad():  # tokens drawn from the model itself: gradients of the output's Fisher information
+                labels = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=gen).squeeze(1).to(device)
+            torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+            tokens += len(labels)
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(was[n])
+    missing = [e.name for e in entries if e.name not in fisher or e.name not in stats]
+    if missing:
+        raise UserError(f"quantization.auto: no gradient reached {missing[0]} on the calibration windows; pin it with a rule")
+    return {n: f / tokens for n, f in fisher.items()}, stats
+
+
+def candidate_error(w: torch.Tensor, c, dtype: torch.dtype, st: _Stats, h: torch.Tensor, f: torch.Tensor,
+                    qw=None) -> float:
+    """Predicted KL (nats/token) of storing ``w`` as ``c`` (``qw``: the weights a method chose, else round to nearest)."""
+    from .algorithms import ALGORITHMS
+    from .algorithms.awq import llm_int8_output
+    from .algorithms.grid import quadratic_error
+
+    if isinstance(c, Keep):
+        if c.dtype == dtype:
+            return 0.0
+        e = w - w.to(c.dtype).float()
+        return 0.5 * float(quadratic_error(e, h) @ f)
+    qw = qw or ALGORITHMS["rtn"].quantize(w, c, dtype)
+    if isinstance(c, Int8):
+        x = torch.cat(st.sample)
+        dy = llm_int8_output(x, qw.codes, qw.scb, c.threshold) - x @ w.t()
+        return 0.5 * float(dy.square().mean(0) @ f)
+    return 0.5 * float(quadratic_error(w - qw.dequantize().float(), h) @ f)
+
+
+def score(model: nn.Module, entries: list[PlanEntry], menus: dict[str, list], fisher: dict, stats: dict, method: str,
+          options: dict, dtype: torch.dtype, progress: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Predicted KL of every candidate of every layer; and, for a calibrated method, how much it lowered the
+    reference 4-bit format's error per layer."""
+    from .algorithms import ALGORITHMS
+    from .algorithms.scale_search import LayerStats
+    from .quantize import layer_weight
+
+    algo = ALGORITHMS[method]
+    scores: dict[str, dict[str, float]] = {}
+    ratios: dict[str, float] = {}
+    for e in tqdm(entries, desc="scoring formats", unit="layer", disable=not progress):
+        w = layer_weight(model.get_submodule(e.name)).detach().float()
+        st = stats[e.name]
+        h = st.h / st.tokens
+        f = fisher[e.name].to(w.device)
+        row = {c.label(): candidate_error(w, c, dtype, st, h, f) for c in menus[e.name]}
+        four = [c for c in menus[e.name] if isinstance(c, FourBit)]
+        if algo.calibrated and four:
+            ref = next((c for c in four if c.group_size == 64 and not c.double_quant), four[0])
+            qm = algo.quantize(w, ref, dtype, LayerStats(h, st.tokens, options))
+            r = candidate_error(w, ref, dtype, st, h, f, qm) / max(row[ref.label()], 1e-30)
+            ratios[e.name] = r = min(max(r, 0.0), 1.0)
+            row = {c.label(): v * r if isinstance(c, FourBit) else v for c, v in zip(menus[e.name], row.values())}
+        scores[e.name] = row
+    return scores, ratios
+
+
+# ---- 2. allocation ----------------------------------------------------------------------------
+
+
+def allocate(costs: list[list[int]], values: list[list[float]], budget: int, cells: int = TABLE_CELLS, span: int = 0):
+    """Least total value, one choice per item, total cost within ``budget`` (multiple-choice knapsack).
+
+    The table covers capacities up to ``max(budget, span)`` in units of that ``/ cells`` (rounded up), and each
+    cost is rounded up to whole units: the answer never exceeds the budget and is optimal for the rounded costs
+    (exact when the unit is 1). Returns (the choice per item, the unit, the table's best value at each capacity
+    in units); ``None`` as the choice when nothing fits.
+    """
+    top = max(budget, span, 1)
+    unit = max(1, math.ceil(top / cells))
+    cap = top // unit
+    best = torch.zeros(cap + 1, dtype=torch.float64)  # no items yet: value 0 at every capacity
+    picks = []
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    small = max(len(c) for c in costs) < 127
+    for cost, val in zip(costs, values):
+        new = torch.full_like(best, float("inf"))
+        pick = torch.full((cap + 1,), -1, dtype=torch.int8 if small else torch.int16)
+        for k, (c, v) in enumerate(zip(cost, val)):
+            w = -(-c // unit)
+            if w > cap:
+                continue
+            cand = torch.cat([inf.expand(w), best[: cap + 1 - w] + v])
+            better = cand < new
+            new = torch.where(better, cand, new)
+            pick[better] = k
+        best = new
+        picks.append(pick)
+    c = min(budget // unit, cap)
+    if not math.isfinite(best[c].item()):
+        return None, unit, best
+    choice = []
+    for cost, pick in zip(reversed(costs), reversed(picks)):
+        k = int(pick[c])
+        choice.append(k)
+        c -= -(-cost[k] // unit)
+    return choice[::-1], unit, best
+
+
+# ---- 3. the whole step ------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    """What the search chooses among, from the model's shapes alone (a skeleton will do): checked before any
+    weight is read."""
+
+    free: list[PlanEntry]  # layers no rule pins and ignore leaves
+    menus: dict[str, list]  # layer -> candidate formats that fit it
+    candidates: list
+    costs: list[list[int]]  # per free layer and candidate: bytes the budget counts
+    budget: int  # bytes left to the free layers
+    fixed: int  # bytes of the rest that the budget counts
+    weights: int  # weights of the formatted Linear layers (bits per weight divide by it)
+    per_weight: bool  # budget in bits per weight (else the files' bytes)
+    target: str
+
+
+def prepare(recipe, model: nn.Module, dtype: torch.dtype) -> Problem:
+    """The search's layers, candidates and sizes; one line if the budget cannot be met."""
+    from .plan import build_plan
+    from .recipe import parse_size
+
+    q, auto = recipe.quantization, recipe.quantization.auto
+    base = build_plan(model, q.model_copy(update={"auto": None}), dtype)
+    free = [e for e in base.entries if e.source == "default"]
+    if not free:
+        raise UserError("quantization.auto: the rules and ignore leave no layer to choose a format for")
+    candidates = list(auto.candidates) if auto.candidates else default_candidates(dtype, auto.loadable_by)
+    pinned = [x for x in base.entries if x.source != "default"]
+    if auto.loadable_by == "transformers":
+        pinned_plan = Plan(pinned, dtype, {}, 0)
+        if pinned_plan.quantized_entries and not pinned_plan.stock_compatible():
+            raise UserError("quantization.auto: loadable_by transformers, but the recipe's own rules mix formats stock "
+                            "transformers cannot load (INT8 beside 4-bit, or a float layer in another dtype)")
+        kinds = {type(x.scheme) for x in pinned_plan.quantized_entries}
+        candidates = [c for c in candidates if not (isinstance(c, Int8) and FourBit in kinds)
+                      and not (isinstance(c, FourBit) and Int8 in kinds)]
+    candidates = check_candidates(candidates, auto.loadable_by, dtype)
+    menus = {e.name: [k for k in candidates if fits(k, e)] for e in free}
+    for e in free:
+        if not menus[e.name]:
+            raise UserError(f"quantization.auto: no candidate fits {e.name} ({e.out_features}x{e.in_features}); "
+                            f"add int8 or a float format, or 4-bit blocks dividing {e.in_features} "
+                            f"({', '.join(str(b) for b in BNB_BLOCKSIZES if e.in_features % b == 0) or 'none'})")
+    per_weight = auto.max_size is None
+
+    def size(e: PlanEntry, k) -> int:  # what one choice adds to the budgeted quantity
+        t = entry_tensors(PlanEntry(e.name, e.layer, e.out_features, e.in_features, e.has_bias, k, q.method, "auto"), dtype)
+        if not per_weight:  # the files' bytes: data and header entries
+            return sum(math.prod(s) * d.itemsize + len(f"{e.name}.{n}") + HEADER_BYTES_PER_TENSOR for n, (s, d) in t.items())
+        return sum(math.prod(s) * d.itemsize for n, (s, d) in t.items() if n != "bias")
+
+    n = sum(x.numel for x in base.entries if x.scheme is not None)
+    if per_weight:
+        fixed = sum(x.nbytes - (x.out_features * dtype.itemsize if x.has_bias else 0) for x in pinned if x.scheme is not None)
+        budget, target = math.floor(auto.bits_per_weight * n / 8) - fixed, f"bits_per_weight {auto.bits_per_weight:g}"
+    else:
+        fixed = Plan(pinned, dtype, base.other_tensors, base.float_bytes).file_bytes_estimate()
+        budget, target = parse_size(auto.max_size) - fixed, f"max_size {auto.max_size}"
+    costs = [[size(e, k) for k in menus[e.name]] for e in free]
+    smallest = sum(min(x) for x in costs)
+    if smallest > budget:
+        least = f"{8 * (fixed + smallest) / n:.3f} bits per weight" if per_weight else f"{(fixed + smallest) / 1e6:.2f} MB"
+        raise UserError(f"quantization.auto: {target} cannot be met with these candidates; the smallest mix is {least}")
+    return Problem(free, menus, candidates, costs, budget, fixed, n, per_weight, target)
+
+
+def resolve(recipe, problem: Problem, model: nn.Module, tokenizer, calib_text: str, progress: bool = True, log=print):
+    """The recipe with ``quantization.auto`` replaced by explicit rules, and the report of the search."""
+    from .calibrate import calibration_windows
+    from .recipe import Rule
+
+    t0 = time.perf_counter()
+    q, auto, c, p = recipe.quantization, recipe.quantization.auto, recipe.calibration, problem
+    windows = calibration_windows(tokenizer, calib_text, min(auto.windows, c.nsamples), c.seqlen, c.seed)
+    log(f"auto: measuring sensitivity on {len(windows)} windows of {c.seqlen} tokens, {len(p.free)} layers, "
+        f"{len(p.candidates)} candidate formats (method {q.method})")
+    fisher, stats = measure(model, p.free, windows, c.seed, progress)
+    options = {**c.gptq.model_dump(), **c.scale_search.model_dump()}
+    scores, ratios = score(model, p.free, p.menus, fisher, stats, q.method, options, model.dtype, progress)
+    del stats
+    values = [[scores[e.name][k.label()] for k in p.menus[e.name]] for e in p.free]
+    choice, unit, _ = allocate(p.costs, values, p.budget)  # a table up to the budget: the finest units
+    _, f_unit, best = allocate(p.costs, values, p.budget, span=sum(max(c) for c in p.costs))  # every size: the frontier
+    picked = {e.name: p.menus[e.name][k] for e, k in zip(p.free, choice)}
+    rules = [*q.rules, *(Rule.model_validate(r) for r in _rules(picked))]
+    resolved = recipe.model_copy(update={"quantization": q.model_copy(update={"auto": None, "rules": rules})})
+    total = sum(x[k] for x, k in zip(p.costs, choice))
+    report = {
+        "target": p.target, "method": q.method, "windows": len(windows), "seqlen": c.seqlen,
+        "candidates": [k.label() for k in p.candidates], "loadable_by": auto.loadable_by,
+        "predicted_kl": sum(v[k] for v, k in zip(values, choice)),
+        "budget_bytes": p.budget, "chosen_bytes": total, "unit_bytes": unit,
+        "chosen_x": round(_x(p, p.fixed + total), 4),
+        "layers": {e.name: {"chosen": picked[e.name].label(), "method_error_ratio": ratios.get(e.name),
+                            "candidates": {k.label(): {"bytes": b, "predicted_kl": scores[e.name][k.label()]}
+                                           for k, b in zip(p.menus[e.name], cx)}}
+                   for e, cx in zip(p.free, p.costs)},
+        "frontier": _frontier(p, best, f_unit),
+        "uniform": _uniform(p, scores),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    log(f"auto: {p.target}: predicted KL {report['predicted_kl']:.4f} nats/token, {_counts(picked)} in {report['seconds']:.0f}s")
+    return resolved, report
+
+
+def _rules(picked: dict) -> list[dict]:
+    """One rule per format; a decoder layer's sublayer (``model.layers.*.mlp.down_proj``) as one glob when every
+    layer of the stack got the same format for it."""
+    import re
+
+    by_suffix: dict[str, dict[str, object]] = {}
+    for name, k in picked.items():
+        m = re.fullmatch(r"(.*\.)(\d+)(\..*)", name)
+        key = f"{m.group(1)}*{m.group(3)}" if m else name
+        by_suffix.setdefault(key, {})[name] = k
+    patterns: dict[str, tuple[object, list[str]]] = {}
+    for key, names in by_suffix.items():
+        kinds = {k.model_dump_json() for k in names.values()}
+        if len(kinds) == 1 and "*" in key:
+            k = next(iter(names.values()))
+            patterns.setdefault(k.model_dump_json(), (k, []))[1].append(key)
+        else:
+            for n, k in names.items():
+                patterns.setdefault(k.model_dump_json(), (k, []))[1].append(n)
+    out = []
+    for k, pats in patterns.values():
+        # a glob must not reach layers it was not meant for (e.g. a name-listed neighbour with another format)
+        assert all(any(matches(p, n) for p in pats) == (picked[n] == k) for n in picked)
+        out.append({"match": pats, **k.model_dump()})
+    return out
+
+
+def _x(p: Problem, nbytes: int) -> float:
+    return 8 * nbytes / p.weights if p.per_weight else nbytes
+
+
+def _frontier(p: Problem, best: torch.Tensor, unit: int) -> list[list[float]]:
+    """(bits per weight or bytes, least predicted KL) along the table, where it improves."""
+    pts, last = [], float("inf")
+    for cap in range(0, len(best), max(1, len(best) // 400)):
+        v = best[cap].item()
+        if math.isfinite(v) and v < last * 0.999:
+            pts.append([round(_x(p, p.fixed + cap * unit), 4), v])
+            last = v
+    return pts
+
+
+def _uniform(p: Problem, scores: dict) -> dict:
+    """Each candidate given to every layer it fits: (x, predicted KL) reference points."""
+    out = {}
+    for k in p.candidates:
+        if all(k in p.menus[e.name] for e in p.free):
+            nbytes = p.fixed + sum(cx[p.menus[e.name].index(k)] for e, cx in zip(p.free, p.costs))
+            out[k.label()] = [round(_x(p, nbytes), 4), sum(scores[e.name][k.label()] for e in p.free)]
+    return out
+
+
+def _counts(picked: dict) -> str:
+    counts: dict[str, int] = {}
+    for k in picked.values():
+        counts[k.label()] = counts.get(k.label(), 0) + 1
+    return ", ".join(f"{lab} ×{c}" for lab, c in sorted(counts.items(), key=lambda x: -x[1]))
+
+
+def plot(report: dict, path, title: str) -> None:
+    """The predicted quality-vs-size frontier the search saw, the uniform formats, and the chosen point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_weight = not report["target"].startswith("max_size")
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fr = [p for p in report["frontier"] if p[1] > 0]
+    if fr:
+        ax.plot([p[0] for p in fr], [p[1] for p in fr], "-", color="C0", label="best mix at each size (predicted)")
+    for i, (lab, (x, y)) in enumerate(report["uniform"].items()):
+        if y > 0:
+            ax.scatter(x, y, marker="s", s=28, color=plt.get_cmap("tab20")((i + 2) % 20), label=f"uniform {lab}")
+    ax.scatter(report["chosen_x"], max(report["predicted_kl"], 1e-12), marker="*", s=220, color="red", zorder=5, label="chosen")
+    ax.set_yscale("log")
+    if per_weight:  # the region where the choices are: past INT8, the curve only creeps down to zero
+        xs = [x for k, (x, y) in report["uniform"].items() if y > 0 and k not in DTYPE_NAMES.values()] + [report["chosen_x"]]
+        lo, hi = min(xs) - 0.2, max(max(xs) + 0.6, 8.6)
+        ys = [y for x, y in fr if lo <= x <= hi] + [y for x, y in report["uniform"].values() if y > 0 and lo <= x <= hi]
+        ax.set_xlim(lo, hi)
+        if ys:
+            ax.set_ylim(min(ys) * 0.7, max(ys) * 1.5)
+    ax.set_xlabel("bits per weight (Linear layers but ignored ones)" if per_weight else "checkpoint bytes")
+    ax.set_ylabel("predicted KL divergence (nats/token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = ["allocate", "prepare", "resolve", "measure", "score", "default_candidates", "plot"]

@@ -1,0 +1,221 @@
+"""quantization.auto: the allocation is optimal (brute force), budgets hold on the written files, the sensitivity
+ranks formats as their real effect on the model does, and the resolved recipe re-runs without searching."""
+
+import io
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from rich.console import Console
+
+from conftest import TEXT
+from llmquant.auto import allocate
+from llmquant.cli import main
+from llmquant.errors import UserError
+from llmquant.export import safetensors_bytes
+from llmquant.pipeline import run
+from llmquant.recipe import Recipe
+
+
+def brute_force(costs, values, budget):
+    best = None
+    for pick in itertools.product(*(range(len(c)) for c in costs)):
+        if sum(c[k] for c, k in zip(costs, pick)) <= budget:
+            v = sum(x[k] for x, k in zip(values, pick))
+            if best is None or v < best[0] - 1e-12:
+                best = (v, list(pick))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_allocation_is_optimal_on_small_cases(seed):
+    rng = random.Random(seed)
+    n, k = rng.randint(1, 5), rng.randint(1, 4)
+    costs = [[rng.randint(1, 30) for _ in range(k)] for _ in range(n)]
+    values = [[rng.random() for _ in range(k)] for _ in range(n)]
+    budget = rng.randint(0, 30 * n)
+    exact = brute_force(costs, values, budget)
+    choice, unit, _ = allocate(costs, values, budget)  # small totals: unit 1, exact
+    assert unit == 1
+    if exact is None:
+        assert choice is None
+        return
+    assert sum(c[i] for c, i in zip(costs, choice)) <= budget
+    assert sum(v[i] for v, i in zip(values, choice)) == pytest.approx(exact[0])
+
+
+def test_coarse_table_never_exceeds_the_budget_and_is_near_optimal():
+    rng = random.Random(0)
+    costs = [[rng.randint(1000, 9000) for _ in range(4)] for _ in range(6)]
+    values = [[rng.random() for _ in range(4)] for _ in range(6)]
+    for budget in range(12000, 50000, 3700):
+        exact = brute_force(costs, values, budget)
+        choice, unit, _ = allocate(costs, values, budget, cells=500)  # unit > 1: sizes rounded up
+        assert unit > 1
+        if choice is None:
+            continue
+        assert sum(c[i] for c, i in zip(costs, choice)) <= budget
+        # optimal among choices that fit a budget smaller by one unit per item
+        tight = brute_force(costs, values, budget - unit * len(costs))
+        if tight is not None:
+            assert sum(v[i] for v, i in zip(values, choice)) <= tight[0] + 1e-12
+        assert sum(v[i] for v, i in zip(values, choice)) >= exact[0] - 1e-12
+
+
+def auto_recipe(model_dir, out, text, auto, method="rtn", rules=None):
+    return Recipe.from_dict({
+        "model": {"source": str(model_dir)}, "device": "cpu",
+        "quantization": {"default": "nf4", "method": method, "auto": auto, "rules": rules or []},
+        "calibration": {"text": {"source": str(text)}, "nsamples": 4, "seqlen": 32},
+        "output": {"dir": str(out)},
+    })
+
+
+def quiet(r, **kw):
+    return run(r, console=Console(file=io.StringIO(), width=200), progress=False, **kw)
+
+
+@pytest.fixture
+def text(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text(TEXT * 6)
+    return p
+
+
+@pytest.mark.parametrize("bpw", [4.3, 5.0, 7.0])
+def test_bits_per_weight_budget_holds_on_the_written_files(tiny_dirs, tmp_path, text, bpw):
+    out = tmp_path / "out"
+    res = quiet(auto_recipe(tiny_dirs("llama"), out, text, {"bits_per_weight": bpw}))
+    meta = json.loads((out / "llmquant.json").read_text())
+    assert meta["sizes"]["linear_bits_per_weight"] <= bpw
+    # bytes from the written files: every formatted Linear's stored tensors, bias excluded
+    from safetensors import safe_open
+
+    stored = n = 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        for layer in meta["layers"]:
+            if layer["format"] == "unchanged":
+                continue
+            n += layer["shape"][0] * layer["shape"][1]
+            for k in keys:
+                if k.startswith(layer["name"] + ".") and not k.endswith(".bias"):
+                    t = f.get_tensor(k)
+                    stored += t.numel() * t.element_size()
+    assert 8 * stored / n <= bpw
+    assert 8 * stored / n > bpw - 0.35  # and it uses the budget
+    a = meta["auto"]
+    assert a["target"] == f"bits_per_weight {bpw:g}" and a["predicted_kl"] >= 0
+    assert len(a["layers"]) == 14 and (out / "auto.png").is_file()
+    assert f"chosen by llmquant for a budget of bits per weight {bpw:g}" in (out / "README.md").read_text()
+    # the resolved recipe holds explicit rules and re-runs to the same formats without searching
+    saved = Recipe.load(out / "recipe.yaml")
+    assert saved.quantization.auto is None and saved.quantization.rules
+    again = quiet(saved.with_overrides({"output.dir": str(tmp_path / "again")}), dry_run=True)
+    assert [e.label() for e in again.plan.entries] == [e.label() for e in res.plan.entries]
+    assert again.auto is None
+
+
+def test_max_size_budget_holds_on_the_written_files(tiny_dirs, tmp_path, text):
+    out = tmp_path / "out"
+    probe = quiet(auto_recipe(tiny_dirs("llama"), tmp_path / "p", text, {"bits_per_weight": 4.3}), dry_run=True)
+    cap = probe.plan.file_bytes_estimate() + 20_000
+    quiet(auto_recipe(tiny_dirs("llama"), out, text, {"max_size": str(cap)}))
+    assert safetensors_bytes(out) <= cap
+    assert safetensors_bytes(out) > cap - 20_000  # it spent the extra bytes
+
+
+def test_sensitivity_ranks_layers_as_their_real_effect_does(tiny_dirs, tmp_path, text):
+    """The layer the search says matters most, quantized alone, changes the model's output more than the one it
+    says matters least (measured KL on the calibration windows)."""
+    from llmquant.auto import measure, score
+    from llmquant.calibrate import calibration_windows
+    from llmquant.models import load_model, resolve_source
+    from llmquant.plan import build_plan
+    from llmquant.quantize import install, layer_weight
+    from llmquant.algorithms import ALGORITHMS
+    from llmquant.schemes import FourBit
+
+    model, tok = load_model(resolve_source(str(tiny_dirs("llama"))), "float32", "cpu")
+    plan = build_plan(model, Recipe.from_dict({"model": {"source": "x"}, "output": {"dir": "x"},
+                                               "quantization": {"default": {"format": "nf4", "group_size": 128}}}).quantization, torch.float32)
+    entries = plan.quantized_entries
+    windows = calibration_windows(tok, TEXT * 6, 8, 32, 0)
+    fisher, stats = measure(model, entries, windows, 0, progress=False)
+    nf4 = FourBit(format="nf4", group_size=128)
+    scores, _ = score(model, entries, {e.name: [nf4] for e in entries}, fisher, stats, "rtn", {}, torch.float32, progress=False)
+    ranked = sorted(entries, key=lambda e: scores[e.name][nf4.label()])
+
+    def kl_with(entry):
+        m, _ = load_model(resolve_source(str(tiny_dirs("llama"))), "float32", "cpu")
+        with torch.no_grad():
+            ref = torch.cat([model(w[None]).logits[0] for w in windows]).log_softmax(-1)
+            install(m, entry, ALGORITHMS["rtn"].quantize(layer_weight(m.get_submodule(entry.name)).detach(), entry.scheme, torch.float32),
+                    torch.float32)
+            got = torch.cat([m(w[None]).logits[0] for w in windows]).log_softmax(-1)
+        return (ref.exp() * (ref - got)).sum(-1).mean().item()
+
+    low, high = kl_with(ranked[0]), kl_with(ranked[-1])
+    assert high > 3 * low, (ranked[0].name, low, ranked[-1].name, high)
+    # and the prediction is the right size (second order: within a factor of three of the measured KL)
+    assert scores[ranked[-1].name][nf4.label()] / 3 < high < 3 * scores[ranked[-1].name][nf4.label()]
+
+
+def test_rules_pin_their_layers_and_loadable_by_transformers_loads_stock(tiny_dirs, tmp_path, text):
+    out = tmp_path / "out"
+    rules = [{"match": "*.layers.0.self_attn.q_proj", "format": "nf4", "group_size": 32}]
+    auto = {"bits_per_weight": 5.0, "loadable_by": "transformers", "candidates": ["int8", "nf4", {"format": "nf4", "group_size": 32},
+                                                                                  "fp32"]}
+    res = quiet(auto_recipe(tiny_dirs("llama"), out, text, auto, rules=rules))
+    formats = {e.name: e.label() for e in res.plan.entries}
+    assert formats["model.layers.0.self_attn.q_proj"] == "nf4/g32"
+    assert not any(f.startswith("int8") for f in formats.values())  # dropped beside 4-bit for stock loading
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+
+
+@pytest.mark.parametrize("auto, extra, message", [
+    ({}, {}, "give one budget: bits_per_weight"),
+    ({"bits_per_weight": 4.5, "max_size": "1GB"}, {}, "give one budget"),
+    ({"bits_per_weight": 4.5, "candidates": ["nf5"]}, {}, "unknown format 'nf5'"),
+    ({"bits_per_weight": 4.5}, {"method": "awq"}, "not awq"),
+    ({"bits_per_weight": 4.5}, {"no_calibration": True}, "add a calibration section"),
+    ({"bits_per_weight": 1.0}, {}, "cannot be met with these candidates; the smallest mix is"),
+    ({"bits_per_weight": 4.5, "loadable_by": "transformers"},
+     {"rules": [{"match": "*.q_proj", "format": "int8"}, {"match": "*.k_proj", "format": "nf4"}]},
+     "loadable_by transformers, but the recipe's own rules mix"),
+    ({"bits_per_weight": 4.5, "candidates": [{"format": "nf4", "group_size": 256}]}, {}, "no candidate fits model.layers.0"),
+])
+def test_bad_auto_settings_are_one_line(tiny_dirs, tmp_path, text, capsys, auto, extra, message):
+    import yaml
+
+    d = {"model": {"source": str(tiny_dirs("llama"))}, "device": "cpu", "output": {"dir": str(tmp_path / "out")},
+         "quantization": {"auto": auto, "method": extra.get("method", "rtn"), "rules": extra.get("rules", [])}}
+    if not extra.get("no_calibration"):
+        d["calibration"] = {"text": {"source": str(text)}, "nsamples": 4, "seqlen": 32}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_shows_the_allocation_and_writes_nothing(tiny_dirs, tmp_path, text):
+    buf = io.StringIO()
+    res = run(auto_recipe(tiny_dirs("llama"), tmp_path / "out", text, {"bits_per_weight": 5.0}), dry_run=True,
+              console=Console(file=buf, width=200), progress=False)
+    shown = buf.getvalue()
+    assert "predicted KL divergence" in shown and "rules:" in shown and "estimated checkpoint size" in shown
+    assert res.plan.linear_bits_per_weight() <= 5.0
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_with_gptq_uses_the_methods_gain(tiny_dirs, tmp_path, text):
+    res = quiet(auto_recipe(tiny_dirs("llama"), tmp_path / "out", text, {"bits_per_weight": 4.5}, method="gptq"))
+    ratios = [x["method_error_ratio"] for x in res.auto["layers"].values()]
+    assert all(r is not None and 0 < r <= 1 for r in ratios) and min(ratios) < 0.95
+    assert all(e.method == "gptq" for e in res.plan.quantized_entries)
+    with pytest.raises(UserError):
+        Recipe.from_dict({"model": {"source": "x"}, "output": {"dir": "x"}, "quantization": {"auto": {"bits_per_weight": 4.5}}})
