@@ -63,7 +63,11 @@ def test_checkpoint_format_choice():
     assert c["quant_method"] == "bitsandbytes" and "model.layers.0.self_attn.q_proj" in c["llm_int8_skip_modules"]
     # ...but stock transformers would load an fp16 layer as fp16 inside an fp32 model
     assert cfg(default="nf4", rules=[{"match": "*.q_proj", "format": "fp16"}])["quant_method"] == "llmquant"
-    assert cfg(default={"format": "nf4", "group_size": 32})["quant_method"] == "llmquant"  # not stock block size
+    # any 4-bit mix is stock: bitsandbytes reads type, block size and double quant from each tensor's quant_state
+    assert cfg(default={"format": "nf4", "group_size": 32})["quant_method"] == "bitsandbytes"
+    c = cfg(default={"format": "fp4", "double_quant": True}, rules=[{"match": "*.q_proj", "format": "nf4", "group_size": 128}])
+    assert (c["quant_method"], c["bnb_4bit_quant_type"], c["bnb_4bit_use_double_quant"]) == ("bitsandbytes", "fp4", True)  # most weights
+    assert cfg(default="int8", rules=[{"match": "*.q_proj", "format": "int8", "threshold": 0.0}])["quant_method"] == "llmquant"
     assert cfg(default="nf4", rules=[{"match": "*.q_proj", "format": "int8"}])["quant_method"] == "llmquant"
     assert cfg(default="fp16") is None  # nothing quantized
 

@@ -28,7 +28,7 @@ FORMATS = {
     "int8": ({"default": {"format": "int8"}}, "bitsandbytes"),
     "nf4": ({"default": {"format": "nf4"}}, "bitsandbytes"),
     "fp4-dq": ({"default": {"format": "fp4", "double_quant": True}}, "bitsandbytes"),
-    "nf4-g32": ({"default": {"format": "nf4", "group_size": 32}}, "llmquant"),
+    "nf4-g32": ({"default": {"format": "nf4", "group_size": 32}}, "bitsandbytes"),  # block size read per tensor
     "mixed": ({"default": {"format": "nf4", "group_size": 64},
                "rules": [{"match": "*.self_attn.*", "format": "int8", "threshold": 0.0},
                          {"match": "*.layers.0.*", "format": "fp16"},
