@@ -219,3 +219,13 @@ def test_auto_with_gptq_uses_the_methods_gain(tiny_dirs, tmp_path, text):
     assert all(e.method == "gptq" for e in res.plan.quantized_entries)
     with pytest.raises(UserError):
         Recipe.from_dict({"model": {"source": "x"}, "output": {"dir": "x"}, "quantization": {"auto": {"bits_per_weight": 4.5}}})
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "opt", "mistral"])
+def test_auto_on_other_families(tiny_dirs, tmp_path, text, arch):
+    """GPT-2's Conv1D (fused q/k/v, transposed weights), a tied head, OPT's biases: the budget holds on the export."""
+    out = tmp_path / "out"
+    res = quiet(auto_recipe(tiny_dirs(arch), out, text, {"bits_per_weight": 5.0}))
+    assert res.check.passed and res.plan.linear_bits_per_weight() <= 5.0
+    assert json.loads((out / "llmquant.json").read_text())["sizes"]["linear_bits_per_weight"] <= 5.0
+    assert len({e.label() for e in res.plan.quantized_entries}) > 1  # a real mix
