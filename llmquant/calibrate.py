@@ -35,7 +35,7 @@ from .errors import UserError
 from .plan import Plan, PlanEntry, quantizable
 from .quantize import install, layer_weight, quantize_layer
 from .quantized import QuantizedWeight
-from .schemes import Int8
+from .schemes import Int8, Keep
 from .memory import give_memory_back
 
 
@@ -328,6 +328,9 @@ class SequentialCalibrator:
                 st.sample = [x / rs for x in st.sample]
             report["scaled"].append({"after": sg.prev.removeprefix(prefix + "."), "alpha": alpha, "loss_ratio": ratio})
 
+        # float weights of the layers tuned after their starting choice (the choice replaces the modules)
+        floats = {n: layer_weight(self.model.get_submodule(n)).detach().float().clone() for n in names
+                  if ALGORITHMS[self.entries[n].method].tunes and not isinstance(self.entries[n].scheme, Keep)}
         options = {**self.spec.gptq.model_dump(), **self.spec.scale_search.model_dump()}
         for gi, group in enumerate(groups):
             if self.spec.true_sequential and gi > 0 and any(ALGORITHMS[self.entries[n].method].calibrated for n in group):
@@ -360,10 +363,43 @@ class SequentialCalibrator:
                     self.chosen[n] = qw
                 give_memory_back()  # the solver's n x n temporaries, before the next batch's
 
+        if floats:
+            report["tune"] = self._tune(layer, prefix, names, floats, inputs, float_out)
         num, den = (distributed.sum_(t) for t in self._run_quantized(layer, inputs, float_out))
         report["layer_rel_error"] = (num / den).sqrt().item()
         report["_outputs"] = inputs  # now the quantized layer's outputs
         return report
+
+
+    def _tune(self, layer: nn.Module, prefix: str, names: list[str], floats: dict, inputs: list, float_out: list) -> dict:
+        """Tune the codes and scales of the layers in ``floats`` (from their starting choice) on the layer's output."""
+        from .algorithms.tune import tune_layer
+        from .quantized import KeptWeight
+
+        rel = {n: n.removeprefix(prefix + ".") for n in names}
+        tuned = {rel[n]: (w, self.chosen[n], self.entries[n].scheme) for n, w in floats.items()}
+        frozen = {rel[n]: self.chosen[n] for n in names if n not in floats and n in self.chosen
+                  and not isinstance(self.chosen[n], KeptWeight)}
+        o = self.spec.tune
+        bar = tqdm(total=o.steps, desc=f"tuning {prefix}", unit="step", leave=False, disable=not self.progress)
+
+        def on_step(t, steps, loss):
+            bar.update(1)
+            if t % 10 == 0 or t == steps:
+                bar.set_postfix_str(f"loss {loss:.3g}")
+
+        try:
+            results, rep = tune_layer(layer, tuned, frozen, inputs, float_out, self._args, self._kwargs, self.device,
+                                      {"steps": o.steps, "lr": o.lr, "batch": o.batch, "seed": self.spec.seed},
+                                      self.plan.model_dtype, on_step)
+        finally:
+            bar.close()
+        for n in floats:
+            qw = results[rel[n]]
+            install(self.model, self.entries[n], qw, self.plan.model_dtype)
+            self.chosen[n] = qw
+        give_memory_back()
+        return rep
 
 
 def _combine(stats: dict[str, _Inputs], keep: int) -> None:

@@ -31,6 +31,7 @@ from .models import (TOKENIZER_FILES, fingerprint, has_tokenizer, load_config, l
                      resolve_source)
 from .stream import skeleton
 from .plan import Plan, build_plan
+from .algorithms import ALGORITHMS
 from .calibrate import SequentialCalibrator, calibration_windows, decoder_layers, needs_calibration
 from .quantize import quantize_model
 from .recipe import Recipe, parse_size
@@ -60,6 +61,10 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, p
         if recipe.quantization.auto is not None:
             raise UserError("quantization.auto searches formats in one process: run it as one process, or put the rules it "
                             "chose (`llmquant run --dry-run` prints them) into the recipe and launch that")
+        q = recipe.quantization
+        tuned = sorted({m for m in (q.method, *(r.method for r in q.rules)) if m and ALGORITHMS[m].tunes})
+        if tuned:
+            raise UserError(f"method {tuned[0]} tunes each decoder layer in one process: run it as one process")
         return _run_distributed(recipe, console, log, progress)
     return _run(recipe, dry_run, console, log, progress)
 

@@ -159,7 +159,7 @@ class Quantization(StrictModel):
     # ignore nothing. Not given: the output head (lm_head), which is the usual choice.
     ignore: list[str] | None = None
     # How weights are chosen: "rtn" (round to nearest, what bitsandbytes itself does), or a
-    # calibrated method (scale_search, gptq, awq, awq+gptq; needs a calibration section).
+    # calibrated method (scale_search, gptq, awq, awq+gptq, tune, gptq+tune; needs a calibration section).
     method: str = "rtn"
     # Choose the formats of the layers no rule pins for a budget (needs a calibration section).
     auto: AutoSpec | None = None
@@ -227,8 +227,19 @@ class AWQOptions(StrictModel):
     tokens: int = Field(4096, ge=64)
 
 
+class TuneOptions(StrictModel):
+    # Signed-gradient steps per decoder layer (methods tune and gptq+tune).
+    steps: int = Field(100, ge=1, le=100000)
+    # Step size of the rounding offsets, decaying linearly to 0 (scale factors take a tenth of it);
+    # default 0.25 / steps (an offset then moves at most an eighth of a code in all: larger steps fit
+    # the calibration windows better and held-out text worse, measured on SmolLM2).
+    lr: float | None = Field(None, gt=0, le=1)
+    # Calibration windows per step (drawn in a shuffled order fixed by calibration.seed).
+    batch: int = Field(1, ge=1)
+
+
 class CalibrationSpec(StrictModel):
-    """Data for calibrated methods (scale_search, gptq, awq, awq+gptq)."""
+    """Data for calibrated methods (scale_search, gptq, awq, awq+gptq, tune, gptq+tune)."""
 
     # Calibration text; by default it must not overlap the evaluation text (a warning says when it does).
     text: TextSpec = Field(default_factory=lambda: TextSpec(source="wikitext2"))
@@ -243,6 +254,7 @@ class CalibrationSpec(StrictModel):
     gptq: GPTQOptions = Field(default_factory=GPTQOptions)
     scale_search: SearchOptions = Field(default_factory=SearchOptions)
     awq: AWQOptions = Field(default_factory=AWQOptions)
+    tune: TuneOptions = Field(default_factory=TuneOptions)
 
 
 class EvalSpec(StrictModel):
@@ -354,9 +366,10 @@ class Recipe(StrictModel):
         if q.auto is not None:
             if self.calibration is None:
                 raise ValueError("quantization.auto measures sensitivity on calibration text: add a calibration section")
-            if ALGORITHMS[q.method].scales_inputs:
-                raise ValueError(f"quantization.auto works with methods rtn, scale_search and gptq, not {q.method} "
-                                 "(its scales depend on the format chosen)")
+            algo = ALGORITHMS[q.method]
+            if algo.scales_inputs or algo.tunes:
+                why = "its gain depends on the formats of the whole decoder layer" if algo.tunes else "its scales depend on the format chosen"
+                raise ValueError(f"quantization.auto works with methods rtn, scale_search and gptq, not {q.method} ({why})")
         return self
 
     @field_validator("device")

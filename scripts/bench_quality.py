@@ -2,7 +2,7 @@
 """Quality of 4-bit and 8-bit weights, every method in one run on the same model, data and protocol.
 
 Rows: the float model; stock bitsandbytes NF4 and LLM.int8 (transformers quantizing on load);
-llmquant's methods (rtn, scale_search, gptq, awq, awq+gptq) in NF4 and INT8; and, when they are
+llmquant's methods (rtn, scale_search, gptq, awq, awq+gptq, tune, gptq+tune) in NF4 and INT8; and, when they are
 installed, HQQ (4-bit, group 64, zero points) and llm-compressor's GPTQ (INT4 symmetric,
 group 64) on the same calibration windows. For each: perplexity on the held-out text
 (non-overlapping windows), KL divergence and top-1 agreement with the float model, bits per
@@ -38,11 +38,14 @@ ROWS = {
     "gptq-int8": ("llmquant", {"default": {"format": "int8"}, "method": "gptq"}),
     "awq-int8": ("llmquant", {"default": {"format": "int8"}, "method": "awq"}),
     "awq+gptq-int8": ("llmquant", {"default": {"format": "int8"}, "method": "awq+gptq"}),
+    "gptq+tune-int8": ("llmquant", {"default": {"format": "int8"}, "method": "gptq+tune"}),
     "rtn-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "rtn"}),
     "scale_search-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "scale_search"}),
     "gptq-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq"}),
     "awq-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "awq"}),
     "awq+gptq-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "awq+gptq"}),
+    "tune-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "tune"}),
+    "gptq+tune-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune"}),
     "gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "gptq"}),
     "awq+gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "awq+gptq"}),
     # formats chosen per layer by quantization.auto for 4.5 bits per weight (the size of NF4 block 64), weights by GPTQ

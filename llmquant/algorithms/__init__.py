@@ -23,6 +23,8 @@ class Algorithm:
     calibrated: bool = False
     # Whether it first folds activation-aware scales into the model (AWQ).
     scales_inputs: bool = False
+    # Whether the calibrator then tunes each decoder layer's codes and scales by gradient (``tune``).
+    tunes: bool = False
 
     def quantize(self, weight: torch.Tensor, scheme, dtype: torch.dtype, stats=None) -> QuantizedWeight:
         raise NotImplementedError
@@ -44,4 +46,4 @@ def register(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
     return deco
 
 
-from . import rtn, scale_search, gptq, awq  # noqa: E402,F401,I001  (registers, in the order errors list them)
+from . import rtn, scale_search, gptq, awq, tune  # noqa: E402,F401,I001  (registers, in the order errors list them)

@@ -26,11 +26,13 @@ from .scale_search import LayerStats, stored_scales
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: float = 0.01, act_order: bool = True,
-         grid: int = 20, min_ratio: float = 0.5, scales: torch.Tensor | None = None) -> QuantizedWeight:
+         grid: int = 20, min_ratio: float = 0.5, scales: torch.Tensor | None = None, latent: bool = False) -> QuantizedWeight:
     """GPTQ of one weight ``[out, in]`` on inputs with Hessian ``h``.
 
     ``scales`` (4-bit only): the block scales to use, as stored (``[out, in / group]``), chosen
     beforehand; by default they are searched (static) or chosen on entering each block (dynamic).
+    ``latent``: also keep, as ``.latent`` of the result, the values GPTQ rounded (each column as
+    updated by the compensation so far; the codes are their nearest grid points), float32 ``[out, in]``.
     """
     w = w.detach().float().clone()
     h = h.float()
@@ -68,6 +70,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: flo
     hinv = torch.linalg.cholesky(hinv, upper=True)
 
     codes = torch.zeros(out_f, n, dtype=torch.uint8 if fourbit else torch.int8, device=w.device)
+    rounded = torch.empty(out_f, n, device=w.device) if latent else None
     block = 128 if static else max(g, 128 // g * g)  # dynamic scales need whole groups inside a block
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
@@ -87,14 +90,20 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: flo
                 c = torch.clamp(torch.round(x * (127.0 / torch.where(s > 0, s, torch.ones_like(s)))), -127, 127)
                 q = c * s * (1 / 127)
             codes[:, col] = c.to(codes.dtype)
+            if rounded is not None:
+                rounded[:, col] = x
             e = (x - q) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
     if fourbit:
-        return FourBitWeight(codes.to(torch.uint8), scales.reshape(-1).contiguous(), scheme.format, g, dtype, nested)
-    return Int8Weight(codes=codes.to(torch.int8), scb=scales.squeeze(1).contiguous(), threshold=scheme.threshold)
+        out = FourBitWeight(codes.to(torch.uint8), scales.reshape(-1).contiguous(), scheme.format, g, dtype, nested)
+    else:
+        out = Int8Weight(codes=codes.to(torch.int8), scb=scales.squeeze(1).contiguous(), threshold=scheme.threshold)
+    if rounded is not None:
+        out.latent = rounded
+    return out
 
 
 def _block_scale(blk: torch.Tensor, hb: torch.Tensor, cb: torch.Tensor, grid: int, min_ratio: float) -> torch.Tensor:
@@ -125,29 +134,36 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
         scales = torch.cat([eff.view(r, -1) for (eff, _), r in zip(per, rows)])
         q = gptq(stacked, h, scheme, dtype, scales=scales, **opts)
         codes = q.codes.split(rows)
-        return [FourBitWeight(c, eff, scheme.format, scheme.group_size, dtype, nested) for c, (eff, nested) in zip(codes, per)]
-    q = gptq(stacked, h, scheme, dtype, **opts)
-    if isinstance(q, FourBitWeight):
-        nb = q.codes.shape[1] // q.group_size
-        return [FourBitWeight(c, s.reshape(-1).contiguous(), q.quant_type, q.group_size, dtype)
-                for c, s in zip(q.codes.split(rows), q.scales.view(-1, nb).split(rows))]
-    return [Int8Weight(c, s.contiguous(), q.threshold) for c, s in zip(q.codes.split(rows), q.scb.split(rows))]
+        out = [FourBitWeight(c, eff, scheme.format, scheme.group_size, dtype, nested) for c, (eff, nested) in zip(codes, per)]
+    else:
+        q = gptq(stacked, h, scheme, dtype, **opts)
+        if isinstance(q, FourBitWeight):
+            nb = q.codes.shape[1] // q.group_size
+            out = [FourBitWeight(c, s.reshape(-1).contiguous(), q.quant_type, q.group_size, dtype)
+                   for c, s in zip(q.codes.split(rows), q.scales.view(-1, nb).split(rows))]
+        else:
+            out = [Int8Weight(c, s.contiguous(), q.threshold) for c, s in zip(q.codes.split(rows), q.scb.split(rows))]
+    if hasattr(q, "latent"):
+        for o, part in zip(out, q.latent.split(rows)):
+            o.latent = part
+    return out
 
 
 @register("gptq")
 class GPTQ(Algorithm):
     calibrated = True
+    keep_latent = False  # whether results carry the values GPTQ rounded (a start for tuning)
 
     def quantize(self, weight: torch.Tensor, scheme, dtype: torch.dtype, stats: LayerStats | None = None) -> QuantizedWeight:
         if isinstance(scheme, Keep):
             return KeptWeight(weight.detach().to(scheme.dtype))
-        return gptq(weight, _hessian(stats, weight), scheme, dtype, **_options(stats))
+        return gptq(weight, _hessian(stats, weight), scheme, dtype, latent=self.keep_latent, **_options(stats))
 
     def quantize_many(self, weights: list[torch.Tensor], scheme, dtype: torch.dtype,
                       stats: LayerStats | None = None) -> list[QuantizedWeight]:
         if isinstance(scheme, Keep):
             return super().quantize_many(weights, scheme, dtype, stats)
-        return gptq_layers(weights, _hessian(stats, weights[0]), scheme, dtype, **_options(stats))
+        return gptq_layers(weights, _hessian(stats, weights[0]), scheme, dtype, latent=self.keep_latent, **_options(stats))
 
 
 def _hessian(stats: LayerStats | None, weight: torch.Tensor) -> torch.Tensor:

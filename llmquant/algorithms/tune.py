@@ -1,0 +1,326 @@
+"""Quantization-aware tuning of one decoder layer on bitsandbytes' own grids.
+
+After a starting choice (round to nearest for ``tune``, GPTQ for ``gptq+tune``), every
+quantized Linear of the decoder layer gets two kinds of parameters, tuned together so
+that the layer's outputs match the float layer's outputs on the calibration inputs
+(signed gradient descent with a linearly decaying step, as SignRound / AutoRound do):
+
+* a rounding offset per weight, in *code-index space*: the sorted codebook (NF4/FP4)
+  or the int8 integers are laid on a line, a weight's position on it is interpolated
+  linearly between neighbouring codes, and ``round(position + offset)`` picks its code.
+  With offset 0 this is exactly the nearest code; offsets stay within ±0.5, so each
+  weight rounds to one of the two codes around its position;
+* a factor per stored scale (4-bit block scale, int8 row scale), in ``[0.5, 1.5]``, with a
+  tenth of the offsets' step size.
+
+The forward pass computes with exactly the values bitsandbytes will dequantize: the
+code's codebook value times the scale *as stored* (after double quantization when that
+is on), with straight-through gradients for the rounding of codes and of scales. What
+is emitted (:meth:`TunedLinear.result`) are those codes and scales, so the checkpoint
+holds exactly the weights the tuning saw.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quantized import INT8_INV_127, FourBitWeight, Int8Weight, QuantizedWeight, codebook
+from ..schemes import FourBit, Int8
+from . import register
+from .gptq import GPTQ
+from .rtn import RoundToNearest
+from .scale_search import stored_scales
+
+SCALE_RANGE = (0.5, 1.5)
+# The default step size of the offsets times the number of steps (they then move at most 1/8 of a code in
+# all), and the scale factors' step size relative to the offsets'. Chosen on held-out text of SmolLM2's
+# layers 3, 15 and 27 (GPTQ start, NF4 block 64): larger steps fit the calibration windows better and
+# held-out text worse; equal steps for scales were worse than a tenth.
+DEFAULT_LR_TIMES_STEPS = 0.25
+SCALE_LR_RATIO = 0.1
+
+
+def _ste(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """``value`` forward (bit for bit: ``x - x`` is exactly 0), ``surrogate``'s gradient backward."""
+    return value.detach() + (surrogate - surrogate.detach())
+
+
+class TunedLinear(nn.Module):
+    """A Linear layer whose weight is a bitsandbytes-quantized weight with tunable codes and scales.
+
+    ``weight``: the float weight ``[out, in]``; ``start``: the starting choice in ``scheme``. The values
+    rounded are ``start.latent`` when the start carries it (GPTQ's weights as compensated when each
+    column was rounded), else the float weight: a weight then starts at its position relative to the
+    codes around it, and a small offset flips it to the other neighbour when that helps the output.
+    """
+
+    def __init__(self, weight: torch.Tensor, start: QuantizedWeight, scheme, bias: torch.Tensor | None):
+        super().__init__()
+        w = getattr(start, "latent", weight).detach().float().to(weight.device)
+        self.register_buffer("w", w)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.scheme = scheme
+        self.fourbit = isinstance(scheme, FourBit)
+        out_f, in_f = w.shape
+        if self.fourbit:
+            assert isinstance(start, FourBitWeight)
+            values, order = torch.sort(codebook(scheme.format, w.device))
+            self.register_buffer("values", values)
+            self.register_buffer("order", order.to(torch.uint8))  # sorted position -> code
+            self.register_buffer("s0", start.scales.view(out_f, -1).to(w.device).clone())
+            self.start_nested = start.nested
+            position = torch.argsort(order).to(w.device)[start.codes.long()].float()  # code -> sorted position
+            self.top = float(len(values) - 1)
+        else:
+            assert isinstance(start, Int8Weight)
+            self.register_buffer("s0", start.scb.to(w.device).float().view(-1, 1).clone())
+            self.start_nested = None
+            position = start.codes.float() + 127.0
+            self.top = 254.0
+        self.register_buffer("start_scales", self.s0.reshape(-1).clone())
+        # Offsets start at 0 (a weight at its own position, rounding to its nearest code), except where that
+        # is not the starting code (ties, clipped values): there the offset that reproduces it.
+        here = self._position(self._blocks(w), self.s0).reshape(out_f, in_f)
+        start_offset = torch.where(torch.round(here.clamp(0.0, self.top)) == position, torch.zeros_like(here), position - here)
+        self.register_buffer("v_low", start_offset - 0.5)
+        self.register_buffer("v_high", start_offset + 0.5)
+        self.v = nn.Parameter(start_offset.clone())
+        self.f = nn.Parameter(torch.ones_like(self.s0))
+        self.fixed: torch.Tensor | None = None  # the weight, computed once, while evaluating without gradients
+
+    # ---- the grid -------------------------------------------------------------------------
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """``[out, in]`` -> ``[out, blocks, group]`` (int8: one block per row)."""
+        g = self.scheme.group_size if self.fourbit else x.shape[1]
+        return x.reshape(x.shape[0], -1, g)
+
+    def _position(self, blocks: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Continuous code-index position of ``blocks`` for scales ``s`` ([out, blocks])."""
+        safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
+        x = blocks / safe
+        if not self.fourbit:
+            return x * 127.0 + 127.0
+        vals = self.values
+        k = (torch.searchsorted(vals, x.detach().contiguous(), right=True) - 1).clamp(0, len(vals) - 2)
+        lo, hi = vals[k], vals[k + 1]
+        return k + (x - lo) / (hi - lo)
+
+    def _stored(self) -> tuple[torch.Tensor, object]:
+        """The scales as bitsandbytes will store them (flat) and their double quantization, for the current factors.
+
+        Untouched factors give back the starting choice's scales exactly (double quantizing already
+        double-quantized scales again would move them by a rounding step)."""
+        if not bool((self.f != 1).any()):
+            return self.start_scales, self.start_nested
+        s = (self.s0 * self.f).detach()
+        if self.fourbit:
+            return stored_scales(s, self.scheme)
+        return s.reshape(-1), None
+
+    def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scales as tuned (continuous) and as bitsandbytes will store them, ``[out, blocks]``."""
+        s = self.s0 * self.f
+        return s, self._stored()[0].view_as(s)
+
+    def _codes_and_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sorted-position codes, stored scales, and the dequantized weight (with straight-through gradients)."""
+        s, stored = self._scales()
+        s_used = _ste(stored, s)
+        blocks = self._blocks(self.w)
+        u = (self._position(blocks, s_used) + self._blocks(self.v)).clamp(0.0, self.top)
+        idx = torch.round(u)
+        if self.fourbit:
+            k = u.detach().floor().clamp(0, self.top - 1).long()
+            lo, hi = self.values[k], self.values[k + 1]
+            continuous = lo + (u - k) * (hi - lo)
+            exact = self.values[idx.long()]
+            q = _ste(exact, continuous)
+        else:
+            q = _ste(idx, u) - 127.0
+        w = q * s_used.unsqueeze(-1) if self.fourbit else q * s_used.unsqueeze(-1) * INT8_INV_127
+        return idx.detach(), stored, w.reshape(self.w.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.fixed if self.fixed is not None else self._codes_and_weight()[2]
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    # ---- tuning steps and the result ----------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        """One signed-gradient step, kept inside the allowed ranges."""
+        for p, p_lr in ((self.v, lr), (self.f, lr * SCALE_LR_RATIO)):
+            if p.grad is not None:
+                p.sub_(p_lr * torch.sign(p.grad))
+                p.grad = None
+        torch.maximum(torch.minimum(self.v, self.v_high, out=self.v), self.v_low, out=self.v)
+        self.f.clamp_(*SCALE_RANGE)
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.v.detach().clone(), self.f.detach().clone()
+
+    @torch.no_grad()
+    def load(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.v.copy_(state[0])
+        self.f.copy_(state[1])
+
+    @torch.no_grad()
+    def weight_value(self) -> torch.Tensor:
+        """The float32 weight the forward computes with (what bitsandbytes dequantizes the result to)."""
+        return self._codes_and_weight()[2]
+
+    @torch.no_grad()
+    def result(self, dtype: torch.dtype) -> QuantizedWeight:
+        """The tuned codes and scales in bitsandbytes' terms."""
+        idx, stored, _ = self._codes_and_weight()
+        out_f, in_f = self.w.shape
+        if self.fourbit:
+            codes = self.order[idx.long()].reshape(out_f, in_f)
+            eff, nested = self._stored()
+            assert torch.equal(eff.view_as(stored), stored)
+            return FourBitWeight(codes, eff, self.scheme.format, self.scheme.group_size, dtype, nested)
+        codes = (idx.reshape(out_f, in_f) - 127.0).to(torch.int8)
+        assert isinstance(self.scheme, Int8)
+        return Int8Weight(codes=codes, scb=stored.reshape(-1).contiguous(), threshold=self.scheme.threshold)
+
+
+class FrozenLinear(nn.Module):
+    """A quantized layer of the same decoder layer that is not tuned: its dequantized weight, fixed."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("w", qw.dequantize().float())
+        self.register_buffer("b", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w.to(x.dtype), None if self.b is None else self.b.to(x.dtype))
+
+
+def tune_layer(layer: nn.Module, tuned: dict[str, tuple[torch.Tensor, QuantizedWeight, object]],
+               frozen: dict[str, QuantizedWeight], inputs: list[torch.Tensor], targets: list[torch.Tensor],
+               args: tuple, kwargs: dict, device: torch.device, options: dict, dtype: torch.dtype,
+               on_step=None) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Tune the Linear layers ``tuned`` (name relative to ``layer`` -> float weight, starting choice, scheme)
+    of one decoder layer so its outputs on ``inputs`` match ``targets`` (the float layer's outputs).
+
+    ``frozen``: the layer's other quantized Linear layers (they compute with their chosen weights). The
+    layer's modules are swapped for the tuning and put back as they were; returns the tuned weights and a
+    report (loss before and after, mean squared error per output value over all windows). The result
+    is the better of the start and the end of the tuning on that loss, so it is never worse than the start.
+    ``options``: steps, lr (default 0.25 / steps), batch (windows per step), seed. ``dtype``: the compute
+    dtype of the results (the layer computes in float32 while tuning; its tensors get their dtypes back).
+    """
+    steps, batch, seed = options["steps"], options["batch"], options["seed"]
+    lr = options.get("lr") or DEFAULT_LR_TIMES_STEPS / steps
+    t0 = time.perf_counter()
+    originals = {n: layer.get_submodule(n) for n in [*tuned, *frozen]}
+    modules: dict[str, TunedLinear] = {}
+    plain, grads, dtypes = [], [], {}
+    try:
+        for n, (w, start, scheme) in tuned.items():
+            modules[n] = TunedLinear(w.to(device), start, scheme, _bias(originals[n]))
+            layer.set_submodule(n, modules[n])
+        for n, qw in frozen.items():
+            layer.set_submodule(n, FrozenLinear(qw, _bias(originals[n])).to(device))
+        # The rest of the layer (norms, attention) computes in float32 while tuning; its own dtype comes back after.
+        plain = [p for p in layer.parameters() if p.is_floating_point() and not any(p is q for m in modules.values() for q in (m.v, m.f))]
+        grads = [p.requires_grad for p in plain]
+        for p in plain:
+            p.requires_grad_(False)
+        dtypes = {n: t.dtype for n, t in _tensors(layer) if t.is_floating_point()}
+        layer.float()
+        a32, kw32 = _float(args, device), _float(kwargs, device)
+
+        def loss_on(windows) -> torch.Tensor:
+            x = torch.cat([inputs[i] for i in windows]).to(device).float()
+            t = torch.cat([targets[i] for i in windows]).to(device).float()
+            y = layer(x, *a32, **kw32)
+            y = y[0] if isinstance(y, tuple) else y
+            return F.mse_loss(y, t)
+
+        def full_loss() -> float:
+            with torch.no_grad():
+                for m in modules.values():
+                    m.fixed = m.weight_value()
+                try:
+                    return sum(loss_on([i]).item() for i in range(len(inputs))) / len(inputs)
+                finally:
+                    for m in modules.values():
+                        m.fixed = None
+
+        before = full_loss()
+        start_state = {n: m.state() for n, m in modules.items()}
+        gen = torch.Generator().manual_seed(seed)
+        order: list[int] = []
+        with torch.enable_grad():
+            for t in range(steps):
+                if len(order) < batch:
+                    order += torch.randperm(len(inputs), generator=gen).tolist()
+                windows, order = order[:batch], order[batch:]
+                loss = loss_on(windows)
+                loss.backward()
+                step_lr = lr * (1.0 - t / steps)
+                for m in modules.values():
+                    m.step(step_lr)
+                if on_step is not None:
+                    on_step(t + 1, steps, loss.item())
+        after = full_loss()
+        if after > before:  # keep the start: tuning must never make the layer worse on its own calibration loss
+            for n, m in modules.items():
+                m.load(start_state[n])
+        results = {n: m.result(dtype) for n, m in modules.items()}
+        report = {"loss_before": before, "loss_after": min(before, after), "kept_start": after > before,
+                  "steps": steps, "seconds": round(time.perf_counter() - t0, 2)}
+    finally:
+        for n, t in _tensors(layer):  # each tensor back to its dtype, while the quantized modules are still out
+            if n in dtypes and t.dtype != dtypes[n]:
+                t.data = t.data.to(dtypes[n])
+        for n, m in originals.items():
+            layer.set_submodule(n, m)
+        for p, g in zip(plain, grads):
+            p.requires_grad_(g)
+    return results, report
+
+
+def _tensors(layer: nn.Module):
+    return [*layer.named_parameters(), *layer.named_buffers()]
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    b = getattr(module, "bias", None)
+    return None if b is None else b.detach()
+
+
+def _float(obj, device):
+    """Float tensors (also inside tuples, lists and dicts) as float32 on ``device``; others moved only."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device=device, dtype=torch.float32) if obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_float(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _float(v, device) for k, v in obj.items()}
+    return obj
+
+
+# ---- the methods a recipe names: the starting choice per Linear; the calibrator then tunes each decoder layer ----
+
+
+@register("tune")
+class Tune(RoundToNearest):
+    """Tuning from round to nearest (bitsandbytes' own absmax scales and nearest codes)."""
+
+    calibrated = True
+    tunes = True
+
+
+@register("gptq+tune")
+class GPTQTune(GPTQ):
+    """Tuning from GPTQ's codes and scales (and the compensated weights it rounded)."""
+
+    tunes = True
+    keep_latent = True

@@ -1,0 +1,282 @@
+"""Quantization-aware tuning (methods tune and gptq+tune): the grid is bitsandbytes', the export holds exactly
+the tuned weights, and a tuned layer beats round to nearest and GPTQ on inputs it was not tuned on."""
+
+import hashlib
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from conftest import TEXT
+from llmquant.algorithms import ALGORITHMS
+from llmquant.algorithms.rtn import rtn_4bit, rtn_int8
+from llmquant.algorithms.scale_search import LayerStats
+from llmquant.algorithms.tune import TunedLinear, tune_layer
+from llmquant.backends.bnb import checkpoint_tensors, read_weight
+from llmquant.calibrate import calibration_windows, decoder_layers, first_layer_input
+from llmquant.errors import UserError
+from llmquant.pipeline import run
+from llmquant.quantized import codebook
+from llmquant.recipe import Recipe
+from llmquant.schemes import FourBit, Int8
+
+SCHEMES = {
+    "nf4": FourBit(format="nf4"),
+    "fp4-g32": FourBit(format="fp4", group_size=32),
+    "nf4-g128-dq": FourBit(format="nf4", group_size=128, double_quant=True),
+    "int8": Int8(),
+}
+
+
+def _start(w, scheme):
+    return rtn_4bit(w, scheme, torch.float32) if isinstance(scheme, FourBit) else rtn_int8(w, scheme)
+
+
+def _bnb_dequantize(qw) -> torch.Tensor:
+    """What bitsandbytes itself computes with, from the tensors the checkpoint stores."""
+    import bitsandbytes.functional as bf
+    from bitsandbytes.functional import QuantState
+
+    t = checkpoint_tensors(qw, "")
+    if "SCB" in t:
+        return bf.int8_vectorwise_dequant(t["weight"], t["SCB"]).float()
+    qs = QuantState.from_dict({k: v for k, v in t.items() if k.startswith("weight.")}, device=torch.device("cpu"))
+    return bf.dequantize_4bit(t["weight"], qs).float()
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES.values()), ids=list(SCHEMES))
+def test_the_start_is_the_starting_choice_exactly(scheme):
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * 0.02
+    start = _start(w, scheme)
+    got = TunedLinear(w, start, scheme, None).result(torch.float32)
+    assert torch.equal(got.codes, start.codes)
+    if isinstance(scheme, FourBit):
+        assert torch.equal(got.scales, start.scales)
+        if scheme.double_quant:
+            assert torch.equal(got.nested.codes, start.nested.codes) and torch.equal(got.nested.offset, start.nested.offset)
+    else:
+        assert torch.equal(got.scb, start.scb)
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES.values()), ids=list(SCHEMES))
+def test_the_tuned_weight_is_what_bitsandbytes_dequantizes(scheme):
+    torch.manual_seed(1)
+    w = torch.randn(48, 256) * 0.02
+    start = _start(w, scheme)
+    m = TunedLinear(w, start, scheme, None)
+    with torch.no_grad():  # push every offset somewhere else, past the range allowed
+        m.v.add_(torch.randn_like(m.v) * 3)
+        m.step(0.0)
+    # for the starting scales, each weight moved at most one code (in the codebook's sorted order)
+    codes = m.result(torch.float32).codes
+    if isinstance(scheme, FourBit):
+        rank = torch.argsort(torch.argsort(codebook(scheme.format)))  # code -> position in sorted order
+        moved = (rank[codes.long()] - rank[start.codes.long()]).abs()
+    else:
+        moved = (codes.int() - start.codes.int()).abs()
+    assert moved.max() == 1 and moved.float().mean() > 0.1
+    with torch.no_grad():  # and the scales, past their range too
+        m.f.mul_(torch.empty_like(m.f).uniform_(0.3, 1.7))
+        m.step(0.0)
+    assert m.f.min() >= 0.5 and m.f.max() <= 1.5
+    qw = m.result(torch.float32)
+    assert not torch.equal(qw.codes, codes)
+    # the forward's weight is exactly bitsandbytes' dequantization of the stored tensors
+    assert torch.equal(m.weight_value(), _bnb_dequantize(qw))
+    back = read_weight(checkpoint_tensors(qw, ""), torch.float32)
+    assert torch.equal(back.codes, qw.codes) and torch.equal(back.dequantize(), qw.dequantize())
+
+
+def test_gradients_reach_offsets_and_scales():
+    torch.manual_seed(2)
+    w = torch.randn(32, 128) * 0.02
+    m = TunedLinear(w, _start(w, SCHEMES["nf4"]), SCHEMES["nf4"], None)
+    x = torch.randn(16, 128)
+    torch.nn.functional.mse_loss(m(x), x @ w.t()).backward()
+    assert m.v.grad.abs().sum() > 0 and m.f.grad.abs().sum() > 0
+
+
+# ---- one real decoder layer (SmolLM2) -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_layer(smollm2_dir, botchan_text):
+    """Layer 3 of SmolLM2 with its inputs (float model) on calibration windows and on held-out windows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    n = len(botchan_text)
+    _, layers = decoder_layers(model)
+
+    def inputs(windows):
+        xs = []
+        for w in windows:
+            x, (args, kwargs) = first_layer_input(model, layers[0], w.unsqueeze(0))
+            with torch.no_grad():
+                for layer in layers[:3]:
+                    x = layer(x, *args, **kwargs)
+                    x = x[0] if isinstance(x, tuple) else x
+            xs.append(x)
+        return xs, args, kwargs
+
+    calib, args, kwargs = inputs(calibration_windows(tok, botchan_text[: int(0.6 * n)], 32, 256, 0))
+    held, _, _ = inputs(calibration_windows(tok, botchan_text[int(0.6 * n):], 8, 256, 1))
+    return layers[3], calib, held, args, kwargs
+
+
+def _outputs(layer, xs, args, kwargs, weights=None):
+    saved = {}
+    if weights:
+        for n, qw in weights.items():
+            saved[n] = layer.get_submodule(n).weight.data
+            layer.get_submodule(n).weight.data = qw.dequantize()
+    try:
+        with torch.no_grad():
+            return [(lambda y: y[0] if isinstance(y, tuple) else y)(layer(x, *args, **kwargs)) for x in xs]
+    finally:
+        for n, w in saved.items():
+            layer.get_submodule(n).weight.data = w
+
+
+def test_a_tuned_layer_beats_rtn_and_gptq_on_held_out_inputs(smollm2_layer):
+    layer, calib, held, args, kwargs = smollm2_layer
+    scheme = FourBit(format="nf4")
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    hess: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: hess.__setitem__(n, hess.get(n, 0) + (
+        lambda x: x.t().double() @ x.double())(a[0].reshape(-1, a[0].shape[-1])))) for n, m in linears.items()]
+    targets = _outputs(layer, calib, args, kwargs)
+    for h in hooks:
+        h.remove()
+    tokens = sum(x.shape[1] for x in calib)
+    weights = {n: m.weight.detach().float().clone() for n, m in linears.items()}
+    rtn = {n: ALGORITHMS["rtn"].quantize(w, scheme, torch.float32) for n, w in weights.items()}
+    gptq = {n: ALGORITHMS["gptq"].quantize(w, scheme, torch.float32, LayerStats((hess[n] / tokens).float(), tokens, {}))
+            for n, w in weights.items()}
+    opts = {"steps": 100, "lr": None, "batch": 1, "seed": 0}
+    tuned, report = tune_layer(layer, {n: (weights[n], gptq[n], scheme) for n in linears}, {}, calib, targets, args, kwargs,
+                               torch.device("cpu"), opts, torch.float32)
+    assert all(torch.equal(layer.get_submodule(n).weight, w) for n, w in weights.items())  # the layer is given back as it was
+
+    truth = _outputs(layer, held, args, kwargs)
+
+    def held_out_error(qws):
+        return sum(((y - t) ** 2).mean().item() for y, t in zip(_outputs(layer, held, args, kwargs, qws), truth)) / len(held)
+
+    e_rtn, e_gptq, e_tuned = held_out_error(rtn), held_out_error(gptq), held_out_error(tuned)
+    assert report["loss_after"] < 0.95 * report["loss_before"] and not report["kept_start"]
+    assert e_tuned < 0.97 * e_gptq < 0.97 * e_rtn, (e_rtn, e_gptq, e_tuned)
+
+
+# ---- through the pipeline (tiny models) -----------------------------------------------------------
+
+
+@pytest.fixture
+def texts(tmp_path):
+    f = tmp_path / "text.txt"
+    f.write_text(TEXT * 8)
+    return f
+
+
+def _recipe(model_dir, out, text, method="gptq+tune", fmt="nf4", **tune):
+    return Recipe.from_dict({
+        "model": {"source": str(model_dir)}, "device": "cpu",
+        "quantization": {"default": fmt, "method": method},
+        "calibration": {"text": {"source": str(text), "range": [0.0, 0.6]}, "nsamples": 8, "seqlen": 32,
+                        "tune": {"steps": 20, **tune}},
+        "output": {"dir": str(out)},
+    })
+
+
+def _run(recipe):
+    return run(recipe, console=Console(file=io.StringIO()), progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_the_export_holds_exactly_the_tuned_weights(tiny_dirs, tmp_path, texts, monkeypatch, fmt):
+    import llmquant.algorithms.tune as tune_mod
+
+    seen: list = []  # each decoder layer's tuned weights, in order
+    real = tune_mod.tune_layer
+
+    def spy(layer, tuned, *a, **kw):
+        results, report = real(layer, tuned, *a, **kw)
+        seen.append(results)
+        return results, report
+
+    monkeypatch.setattr(tune_mod, "tune_layer", spy)
+    res = _run(_recipe(tiny_dirs("llama"), tmp_path / "out", texts, fmt=fmt))
+    assert res.check.passed
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    meta = json.loads((tmp_path / "out" / "llmquant.json").read_text())
+    reports = [layer["tune"] for layer in meta["calibration"]["layers"]]
+    assert len(reports) == 2 and all(r["loss_after"] <= r["loss_before"] for r in reports)
+    compared = 0
+    for i, results in enumerate(seen):
+        for rel, qw in results.items():
+            prefix = f"model.layers.{i}.{rel}."
+            got = read_weight({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}, torch.float32)
+            assert torch.equal(got.codes, qw.codes)
+            assert torch.equal(got.dequantize(), qw.dequantize())
+            compared += 1
+    assert compared == 14  # 7 Linear layers in each of 2 decoder layers
+
+
+def test_tuning_is_deterministic_and_a_worse_tuning_is_dropped(tiny_dirs, tmp_path, texts):
+    digest = lambda d: hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    _run(_recipe(tiny_dirs("qwen2"), tmp_path / "a", texts))
+    _run(_recipe(tiny_dirs("qwen2"), tmp_path / "b", texts))
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    # one signed step of a whole code moves every weight: worse than GPTQ's choice, so GPTQ's choice is kept
+    _run(_recipe(tiny_dirs("qwen2"), tmp_path / "worse", texts, steps=1, lr=1.0))
+    _run(_recipe(tiny_dirs("qwen2"), tmp_path / "gptq", texts, method="gptq"))
+    meta = json.loads((tmp_path / "worse" / "llmquant.json").read_text())
+    assert all(layer["tune"]["kept_start"] for layer in meta["calibration"]["layers"])
+    assert digest(tmp_path / "worse") == digest(tmp_path / "gptq")
+    assert digest(tmp_path / "a") != digest(tmp_path / "gptq")
+
+
+def test_tune_from_rtn_on_a_bfloat16_model(tmp_path, texts):
+    from conftest import build_tiny, tiny_tokenizer
+
+    d = tmp_path / "bf16"
+    build_tiny("mistral", torch.bfloat16).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    res = _run(_recipe(d, tmp_path / "out", texts, method="tune"))
+    assert res.check.passed
+    layers = res.calibration["layers"]
+    assert all(layer["tune"]["loss_after"] < layer["tune"]["loss_before"] for layer in layers)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "bitsandbytes"  # uniform NF4: stock-loadable
+    norms = {k: v.dtype for k, v in load_file(tmp_path / "out" / "model.safetensors").items() if "norm" in k}
+    assert norms and set(norms.values()) == {torch.bfloat16}
+
+
+def test_settings_and_refusals(tiny_dirs, tmp_path, texts, monkeypatch):
+    with pytest.raises(ValueError, match="steps"):
+        _recipe(tiny_dirs("llama"), tmp_path / "o", texts, steps=0)
+    with pytest.raises(ValueError, match="momentum"):
+        _recipe(tiny_dirs("llama"), tmp_path / "o", texts, momentum=0.9)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        Recipe.from_dict({"model": {"source": "x"}, "quantization": {"method": "tune"}, "output": {"dir": "o"}})
+    with pytest.raises(ValueError, match="quantization.auto works with methods rtn, scale_search and gptq, not gptq\\+tune"):
+        Recipe.from_dict({"model": {"source": "x"}, "quantization": {"method": "gptq+tune", "auto": {"bits_per_weight": 4.5}},
+                          "calibration": {"nsamples": 2, "seqlen": 16}, "output": {"dir": "o"}})
+    from llmquant import distributed
+
+    monkeypatch.setattr(distributed, "launched", lambda: True)
+    with pytest.raises(UserError, match="method gptq\\+tune tunes each decoder layer in one process"):
+        run(_recipe(tiny_dirs("llama"), tmp_path / "o", texts), console=Console(file=io.StringIO()), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_other_families_tune_export_and_reload(tiny_dirs, tmp_path, texts, arch):
+    res = _run(_recipe(tiny_dirs(arch), tmp_path / "out", texts, steps=5))
+    assert res.check.passed
+    assert all("loss_after" in layer["tune"] for layer in res.calibration["layers"])
