@@ -1,4 +1,4 @@
-"""Automatic mixed precision: every layer's format chosen for a size budget.
+"""Automatic mixed precision: every layer's format chosen for a size budget or a quality target.
 
 ``quantization.auto`` turns into explicit rules before anything is quantized, so the resolved recipe
 (``recipe.yaml`` of the export) re-runs without searching. Three steps:
@@ -17,7 +17,10 @@
 2. **Allocation.** A multiple-choice knapsack, solved exactly by dynamic programming over sizes
    rounded up to a fine unit (so the budget always holds, and the answer is optimal for the rounded
    sizes): the least predicted KL whose bytes fit. The same table gives the best predicted KL at
-   every size: the frontier, plotted with the uniform formats beside it.
+   every size: the frontier, plotted with the uniform formats beside it. With a quality target
+   (``kl``), the smallest mix on that frontier whose KL divergence *measured* on the calibration
+   windows (the layers swapped for their bitsandbytes modules) meets it, found by a few corrected
+   measurements (:func:`meet_kl`).
 3. **Rules.** One rule per chosen format (a glob over the decoder layers where every layer agrees,
    names otherwise), after the recipe's own rules, which keep their layers.
 """
@@ -34,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .plan import HEADER_BYTES_PER_TENSOR, Plan, PlanEntry, entry_tensors, matches
+from .quantized import KeptWeight
 from .schemes import BNB_BLOCKSIZES, CPU_4BIT_ROW_TILE, DTYPE_NAMES, FourBit, Int8, Keep
 
 # Cells of the allocation table: sizes are counted in units of (largest size / this), rounded up.
@@ -241,6 +245,135 @@ def allocate(costs: list[list[int]], values: list[list[float]], budget: int, cel
     return choice[::-1], unit, best
 
 
+# ---- 2b. a quality target ----------------------------------------------------------------------
+
+# Mixes measured at most to meet a ``kl`` target; stop early once one meets it within this fraction.
+KL_ROUNDS = 6
+KL_CLOSE = 0.9
+
+
+def meet_kl(p: "Problem", values: list[list[float]], best: torch.Tensor, unit: int, model: nn.Module, windows: torch.Tensor,
+            stats: dict, method: str, options: dict, target: float, progress: bool = True, log=print):
+    """The smallest mix whose *measured* KL divergence on ``windows`` is at most ``target``.
+
+    The table gives the smallest mix for any predicted KL; the prediction is not the measurement (it is a second-order,
+    layer-by-layer estimate), so the predicted level to ask for is corrected by measuring: start at the target, then move
+    the level by the ratio measured/predicted, kept strictly between the largest level that met the target and the
+    smallest that did not (halfway, in ratio, when the ratio would leave that interval). Returns (the choice, the checks, its measured KL).
+    """
+    span = sum(max(c) for c in p.costs)
+    kl_of = KLMeter(model, p.free, windows, stats, method, options, progress)
+    checks: list[dict] = []
+    good, good_goal, bad_goal, tried = None, 0.0, math.inf, set()
+    goal = target
+    try:
+        for r in range(KL_ROUNDS + 1):
+            if r == KL_ROUNDS:  # nothing met the target yet: the least predicted KL the candidates allow, once
+                if good is not None:
+                    break
+                goal = best[-1].item()
+            ok = torch.nonzero(best <= goal * (1 + 1e-9))
+            cap = int(ok[0]) if len(ok) else len(best) - 1
+            choice, _, _ = allocate(p.costs, values, cap * unit, span=span)
+            if tuple(choice) in tried:  # a level between two known ones that selects a known mix
+                if good is not None:
+                    break
+                goal /= 4
+                continue
+            tried.add(tuple(choice))
+            predicted = sum(v[k] for v, k in zip(values, choice))
+            size = sum(x[k] for x, k in zip(p.costs, choice))
+            kl = kl_of({e.name: p.menus[e.name][k] for e, k in zip(p.free, choice)})
+            checks.append({"x": round(_x(p, p.fixed + size), 4), "predicted_kl": predicted, "measured_kl": kl})
+            log(f"auto: kl {target:g}: the mix at {_x(p, p.fixed + size):.3f} bits per weight measures {kl:.4f} "
+                f"nats/token (predicted {predicted:.4f})")
+            if kl <= target:
+                if good is None or size < good[1]:
+                    good = (choice, size, kl)
+                good_goal = max(good_goal, goal)
+                if kl >= KL_CLOSE * target:
+                    break
+            else:
+                bad_goal = min(bad_goal, goal)
+            nxt = predicted * target / kl if kl > 0 and predicted > 0 else goal * 2
+            if not good_goal < nxt < bad_goal:
+                nxt = math.sqrt(max(good_goal, goal / 16) * min(bad_goal, goal * 16))
+            goal = nxt
+    finally:
+        kl_of.close()
+    if good is None:
+        least = min(c["measured_kl"] for c in checks)
+        raise UserError(f"quantization.auto: kl {target:g} cannot be met with these candidates; the best mix measures "
+                        f"{least:.4f} nats/token on the calibration windows: add wider candidates or raise the target")
+    return good[0], checks, good[2]
+
+
+class KLMeter:
+    """Mean KL divergence (nats/token) of the float model's next-token distribution from that of the model with some
+    layers swapped for their bitsandbytes modules (weights chosen by ``method``, built as the export builds them)."""
+
+    def __init__(self, model: nn.Module, entries: list[PlanEntry], windows: torch.Tensor, stats: dict, method: str,
+                 options: dict, progress: bool):
+        self.model, self.windows, self.stats, self.method, self.options, self.progress = model, windows, stats, method, options, progress
+        self.entries = {e.name: e for e in entries}
+        self.float = {e.name: model.get_submodule(e.name) for e in entries}
+        self.built: dict[tuple[str, str], nn.Module] = {}  # (layer, format) -> module, reused between mixes
+
+    def module(self, name: str, c) -> nn.Module:
+        import copy
+
+        from .algorithms import ALGORITHMS
+        from .algorithms.scale_search import LayerStats
+        from .backends.bnb import build_module
+        from .quantize import layer_weight
+
+        key = (name, c.label())
+        if key not in self.built:
+            orig, dtype = self.float[name], self.model.dtype
+            algo, st = ALGORITHMS[self.method], self.stats[name]
+            layer_stats = LayerStats(st.h / st.tokens, st.tokens, self.options) if algo.calibrated else None
+            qw = algo.quantize(layer_weight(orig).detach().float(), c, dtype, layer_stats)
+            if isinstance(qw, KeptWeight):
+                new = copy.deepcopy(orig)
+                w = qw.weight if type(orig) is nn.Linear else qw.weight.t()
+                new.weight.data = w.to(device=orig.weight.device, dtype=dtype).contiguous()
+            else:
+                new = build_module(qw, orig.bias, dtype, orig.weight.device)
+                if hasattr(orig, "_hf_hook"):  # accelerate's device placement (a model spread over GPUs)
+                    from accelerate.hooks import add_hook_to_module
+
+                    add_hook_to_module(new, orig._hf_hook)
+            self.built[key] = new
+        return self.built[key]
+
+    def _use(self, modules: dict[str, nn.Module]) -> None:
+        for name, m in modules.items():
+            self.model.set_submodule(name, m)
+
+    @torch.no_grad()
+    def __call__(self, picked: dict) -> float:
+        quant = {n: self.float[n] if isinstance(c, Keep) and c.dtype == self.model.dtype else self.module(n, c)
+                 for n, c in picked.items()}
+        device = next(p.device for p in self.model.parameters() if p.device.type != "meta")
+        total, tokens = 0.0, 0
+        try:
+            for w in tqdm(self.windows, desc="measuring KL", unit="window", disable=not self.progress, leave=False):
+                x = w.unsqueeze(0).to(device)
+                self._use(self.float)
+                ref = torch.log_softmax(self.model(x, use_cache=False).logits[0].float(), -1)
+                self._use(quant)
+                logp = torch.log_softmax(self.model(x, use_cache=False).logits[0].float(), -1)
+                total += float((ref.exp() * (ref - logp)).sum(-1).clamp_min(0).sum())
+                tokens += len(ref)
+        finally:
+            self._use(self.float)
+        return total / tokens
+
+    def close(self) -> None:
+        self._use(self.float)
+        self.built.clear()
+
+
 # ---- 3. the whole step ------------------------------------------------------------------------
 
 
@@ -296,13 +429,16 @@ def prepare(recipe, model: nn.Module, dtype: torch.dtype) -> Problem:
         return sum(math.prod(s) * d.itemsize for n, (s, d) in t.items() if n != "bias")
 
     n = sum(x.numel for x in base.entries if x.scheme is not None)
+    costs = [[size(e, k) for k in menus[e.name]] for e in free]
     if per_weight:
         fixed = sum(x.nbytes - (x.out_features * dtype.itemsize if x.has_bias else 0) for x in pinned if x.scheme is not None)
-        budget, target = math.floor(auto.bits_per_weight * n / 8) - fixed, f"bits_per_weight {auto.bits_per_weight:g}"
+        if auto.kl is not None:  # any size: the search looks for the smallest mix that meets the target
+            budget, target = sum(max(x) for x in costs), f"kl {auto.kl:g}"
+        else:
+            budget, target = math.floor(auto.bits_per_weight * n / 8) - fixed, f"bits_per_weight {auto.bits_per_weight:g}"
     else:
         fixed = Plan(pinned, dtype, base.other_tensors, base.float_bytes).file_bytes_estimate()
         budget, target = parse_size(auto.max_size) - fixed, f"max_size {auto.max_size}"
-    costs = [[size(e, k) for k in menus[e.name]] for e in free]
     smallest = sum(min(x) for x in costs)
     if smallest > budget:
         least = f"{8 * (fixed + smallest) / n:.3f} bits per weight" if per_weight else f"{(fixed + smallest) / 1e6:.2f} MB"
@@ -323,10 +459,15 @@ def resolve(recipe, problem: Problem, model: nn.Module, tokenizer, calib_text: s
     fisher, stats = measure(model, p.free, windows, c.seed, progress)
     options = {**c.gptq.model_dump(), **c.scale_search.model_dump()}
     scores, ratios = score(model, p.free, p.menus, fisher, stats, q.method, options, model.dtype, progress)
-    del stats
     values = [[scores[e.name][k.label()] for k in p.menus[e.name]] for e in p.free]
-    choice, unit, _ = allocate(p.costs, values, p.budget)  # a table up to the budget: the finest units
-    _, f_unit, best = allocate(p.costs, values, p.budget, span=sum(max(c) for c in p.costs))  # every size: the frontier
+    span = sum(max(c) for c in p.costs)
+    _, f_unit, best = allocate(p.costs, values, p.budget, span=span)  # every size: the frontier
+    checks = measured = None
+    if auto.kl is not None:
+        choice, checks, measured = meet_kl(p, values, best, f_unit, model, windows, stats, q.method, options, auto.kl, progress, log)
+    else:
+        choice, unit, _ = allocate(p.costs, values, p.budget)  # a table up to the budget: the finest units
+    del stats
     picked = {e.name: p.menus[e.name][k] for e, k in zip(p.free, choice)}
     rules = [*q.rules, *(Rule.model_validate(r) for r in _rules(picked))]
     resolved = recipe.model_copy(update={"quantization": q.model_copy(update={"auto": None, "rules": rules})})
@@ -335,17 +476,20 @@ def resolve(recipe, problem: Problem, model: nn.Module, tokenizer, calib_text: s
         "target": p.target, "method": q.method, "windows": len(windows), "seqlen": c.seqlen,
         "candidates": [k.label() for k in p.candidates], "loadable_by": auto.loadable_by,
         "predicted_kl": sum(v[k] for v, k in zip(values, choice)),
-        "budget_bytes": p.budget, "chosen_bytes": total, "unit_bytes": unit,
+        "budget_bytes": p.budget, "chosen_bytes": total, "unit_bytes": f_unit if checks is not None else unit,
         "chosen_x": round(_x(p, p.fixed + total), 4),
         "layers": {e.name: {"chosen": picked[e.name].label(), "method_error_ratio": ratios.get(e.name),
                             "candidates": {k.label(): {"bytes": b, "predicted_kl": scores[e.name][k.label()]}
                                            for k, b in zip(p.menus[e.name], cx)}}
                    for e, cx in zip(p.free, p.costs)},
         "frontier": _frontier(p, best, f_unit),
+        "measured_kl": measured,  # with a kl target: of the chosen mix on the sensitivity windows
+        "kl_checks": checks,
         "uniform": _uniform(p, scores),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    log(f"auto: {p.target}: predicted KL {report['predicted_kl']:.4f} nats/token, {_counts(picked)} in {report['seconds']:.0f}s")
+    also = f", measured {measured:.4f}" if measured is not None else ""
+    log(f"auto: {p.target}: predicted KL {report['predicted_kl']:.4f}{also} nats/token, {_counts(picked)} in {report['seconds']:.0f}s")
     return resolved, report
 
 
@@ -424,11 +568,17 @@ def plot(report: dict, path, title: str) -> None:
         if y > 0:
             ax.scatter(x, y, marker="s", s=28, color=plt.get_cmap("tab20")((i + 2) % 20), label=f"uniform {lab}")
     ax.scatter(report["chosen_x"], max(report["predicted_kl"], 1e-12), marker="*", s=220, color="red", zorder=5, label="chosen")
+    checks = [c for c in report.get("kl_checks") or [] if c["measured_kl"] > 0]
+    if checks:  # a kl target: the mixes measured on the way, and the target
+        ax.scatter([c["x"] for c in checks], [c["measured_kl"] for c in checks], marker="o", s=36, facecolors="none",
+                   edgecolors="red", zorder=5, label="mixes measured")
+        ax.axhline(float(report["target"].split()[1]), color="red", lw=0.8, ls="--", label=report["target"])
     ax.set_yscale("log")
     if per_weight:  # the region where the choices are: past INT8, the curve only creeps down to zero
         xs = [x for k, (x, y) in report["uniform"].items() if y > 0 and k not in DTYPE_NAMES.values()] + [report["chosen_x"]]
         lo, hi = min(xs) - 0.2, max(max(xs) + 0.6, 8.6)
         ys = [y for x, y in fr if lo <= x <= hi] + [y for x, y in report["uniform"].values() if y > 0 and lo <= x <= hi]
+        ys += [c["measured_kl"] for c in checks if lo <= c["x"] <= hi]
         ax.set_xlim(lo, hi)
         if ys:
             ax.set_ylim(min(ys) * 0.7, max(ys) * 1.5)
@@ -442,4 +592,4 @@ def plot(report: dict, path, title: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["allocate", "prepare", "resolve", "measure", "score", "default_candidates", "plot"]
+__all__ = ["allocate", "prepare", "resolve", "measure", "score", "meet_kl", "KLMeter", "default_candidates", "plot"]

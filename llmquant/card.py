@@ -99,10 +99,17 @@ def render(folder: str | Path, model_id: str | None = None) -> str:
     ]
     auto = meta.get("auto")
     if auto:
-        lines += [f"The formats were chosen by llmquant for a budget of {auto['target'].replace('_', ' ')}: per layer, the "
-                  f"candidate formats ({', '.join(auto['candidates'])}) were scored by the KL divergence their error is "
-                  f"predicted to cause (Fisher-weighted output error on calibration text), and the least total under the "
-                  f"budget was chosen (predicted {auto['predicted_kl']:.4f} nats/token). `auto.png` shows the frontier.", ""]
+        scored = (f"per layer, the candidate formats ({', '.join(auto['candidates'])}) were scored by the KL divergence "
+                  f"their error is predicted to cause (Fisher-weighted output error on calibration text), and ")
+        if auto.get("measured_kl") is not None:
+            lines += [f"The formats were chosen by llmquant for a quality target of {auto['target']} nats/token (mean KL "
+                      f"divergence from the float model on calibration text): {scored}the smallest mix whose measured KL "
+                      f"met the target was chosen (measured {auto['measured_kl']:.4f}, predicted {auto['predicted_kl']:.4f} "
+                      f"nats/token). `auto.png` shows the frontier.", ""]
+        else:
+            lines += [f"The formats were chosen by llmquant for a budget of {auto['target'].replace('_', ' ')}: {scored}the "
+                      f"least total under the budget was chosen (predicted {auto['predicted_kl']:.4f} nats/token). "
+                      f"`auto.png` shows the frontier.", ""]
     if results:
         from .results import protocol_line, table_rows
 

@@ -112,8 +112,10 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
         print_plan(plan, console, per_layer=True)
         console.print(f"estimated checkpoint size: {human_bytes(plan.file_bytes_estimate())}")
         if auto_report:
+            measured = auto_report.get("measured_kl")
             console.print(f"quantization.auto ({auto_report['target']}): predicted KL divergence "
-                          f"{auto_report['predicted_kl']:.4f} nats/token; the rules it chose:")
+                          f"{auto_report['predicted_kl']:.4f}" + (f", measured {measured:.4f}" if measured is not None else "")
+                          + " nats/token; the rules it chose:")
             console.print(yaml_rules(recipe), markup=False, highlight=False)
         return RunResult(recipe, plan, timings=timings, auto=auto_report)
     reader = _stream_reader(recipe, src, frame, log)

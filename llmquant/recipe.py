@@ -117,9 +117,12 @@ class AutoSpec(StrictModel):
     """Let llmquant choose the format of every layer no rule pins, for a size budget (see llmquant.auto)."""
 
     # The budget, one of: average stored bits per weight over the formatted Linear layers (scales
-    # included, as llmquant reports it), or the checkpoint's size ("4GB").
+    # included, as llmquant reports it), the checkpoint's size ("4GB"), or a quality target: the
+    # smallest mix whose mean KL divergence from the float model (nats per token, measured on the
+    # sensitivity windows of calibration text) is at most this.
     bits_per_weight: float | None = Field(None, gt=0, le=32)
     max_size: str | None = None
+    kl: float | None = Field(None, gt=0)
     # Formats to choose from (default: NF4 at block 32/64/128/256 with and without double
     # quantization, INT8, and the layer kept in the model's dtype).
     candidates: list[Scheme] | None = None
@@ -143,8 +146,8 @@ class AutoSpec(StrictModel):
 
     @model_validator(mode="after")
     def _one_budget(self) -> "AutoSpec":
-        if (self.bits_per_weight is None) == (self.max_size is None):
-            raise ValueError("give one budget: bits_per_weight (e.g. 4.5) or max_size (e.g. 4GB)")
+        if sum(x is not None for x in (self.bits_per_weight, self.max_size, self.kl)) != 1:
+            raise ValueError("give one budget: bits_per_weight (e.g. 4.5), max_size (e.g. 4GB) or kl (e.g. 0.02)")
         if self.candidates is not None and not self.candidates:
             raise ValueError("candidates: give at least one format")
         return self

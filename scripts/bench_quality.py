@@ -52,6 +52,8 @@ ROWS = {
     "auto-4.5-gptq": ("llmquant", {"auto": {"bits_per_weight": 4.5}, "method": "gptq"}),
     "auto-4.5-gptq-stock": ("llmquant", {"auto": {"bits_per_weight": 4.5, "loadable_by": "transformers"}, "method": "gptq"}),
     "auto-4.5-gptq-w16": ("llmquant", {"auto": {"bits_per_weight": 4.5, "windows": 16}, "method": "gptq"}),
+    # the smallest mix whose KL on the calibration windows is at most 0.03 nats/token
+    "auto-kl0.03-gptq": ("llmquant", {"auto": {"kl": 0.03}, "method": "gptq"}),
     "hqq-4bit-g64": ("hqq", None),
     "llmcompressor-gptq-w4g64": ("llmcompressor", None),
 }
@@ -109,7 +111,7 @@ def main() -> None:
         gc.collect()
         t0 = time.perf_counter()
         try:
-            m = _make(kind, opt, src, args, device, cwin, spec, tok, calib.text)
+            m = _make(name, kind, opt, src, args, device, cwin, spec, tok, calib.text)
         except ImportError as e:
             print(f"{name:26s} skipped ({e})", flush=True)
             continue
@@ -146,7 +148,7 @@ def _count(report) -> dict:
     return out
 
 
-def _make(kind, opt, src, args, device, cwin, spec, tok, calib_text):
+def _make(name, kind, opt, src, args, device, cwin, spec, tok, calib_text):
     from transformers import AutoModelForCausalLM
 
     from llmquant.calibrate import SequentialCalibrator, needs_calibration
@@ -169,8 +171,9 @@ def _make(kind, opt, src, args, device, cwin, spec, tok, calib_text):
             r, report = auto.resolve(r, auto.prepare(r, m, m.dtype), m, tok, calib_text, progress=False, log=lambda *a: None)
             q = r.quantization
             if args.json:
-                auto.plot(report, Path(args.json).with_suffix(f".{opt['auto'].get('loadable_by', 'any')}.auto.png"), f"{args.model}: {report['target']}")
-            print(f"  auto: predicted KL {report['predicted_kl']:.4f}, search {report['seconds']:.0f} s, " + ", ".join(
+                auto.plot(report, Path(args.json).with_suffix(f".{name}.png"), f"{args.model}: {report['target']}")
+            measured = f", measured on calibration windows {report['measured_kl']:.4f}" if report.get("measured_kl") is not None else ""
+            print(f"  auto: {report['target']}: {report['chosen_x']:.3f} bits per weight, predicted KL {report['predicted_kl']:.4f}{measured}, search {report['seconds']:.0f} s, " + ", ".join(
                 f"{k} x{v}" for k, v in _count(report).items()), flush=True)
         plan = build_plan(m, q, m.dtype)
         cal = SequentialCalibrator(m, plan, cwin, spec, device, progress=False, log=lambda *a: None) if needs_calibration(plan) else None

@@ -178,6 +178,8 @@ def test_rules_pin_their_layers_and_loadable_by_transformers_loads_stock(tiny_di
 @pytest.mark.parametrize("auto, extra, message", [
     ({}, {}, "give one budget: bits_per_weight"),
     ({"bits_per_weight": 4.5, "max_size": "1GB"}, {}, "give one budget"),
+    ({"kl": 0.02, "max_size": "1GB"}, {}, "or kl (e.g. 0.02)"),
+    ({"kl": 0}, {}, "greater than 0"),
     ({"bits_per_weight": 4.5, "candidates": ["nf5"]}, {}, "unknown format 'nf5'"),
     ({"bits_per_weight": 4.5}, {"method": "awq"}, "not awq"),
     ({"bits_per_weight": 4.5}, {"no_calibration": True}, "add a calibration section"),
@@ -196,6 +198,7 @@ def test_bad_auto_settings_are_one_line(tiny_dirs, tmp_path, text, capsys, auto,
         d["calibration"] = {"text": {"source": str(text)}, "nsamples": 4, "seqlen": 32}
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(d))
+    capsys.readouterr()  # what building the tiny model printed
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
@@ -229,3 +232,94 @@ def test_auto_on_other_families(tiny_dirs, tmp_path, text, arch):
     assert res.check.passed and res.plan.linear_bits_per_weight() <= 5.0
     assert json.loads((out / "llmquant.json").read_text())["sizes"]["linear_bits_per_weight"] <= 5.0
     assert len({e.label() for e in res.plan.quantized_entries}) > 1  # a real mix
+
+
+def test_kl_search_finds_the_smallest_frontier_mix_that_meets_the_target(monkeypatch):
+    """The prediction is off by a factor (as real ones are): the corrected search still ends at the smallest mix whose
+    measured KL meets the target, in a few measurements, never at one that misses it."""
+    from types import SimpleNamespace
+
+    import llmquant.auto as A
+
+    rng = random.Random(1)
+    n, k = 5, 4
+    costs = [sorted(rng.randint(10, 60) for _ in range(k)) for _ in range(n)]
+    values = [sorted((rng.random() for _ in range(k)), reverse=True) for _ in range(n)]
+    p = SimpleNamespace(free=[SimpleNamespace(name=f"l{i}") for i in range(n)], menus={f"l{i}": list(range(k)) for i in range(n)},
+                        costs=costs, fixed=0, per_weight=True, weights=8)
+    span = sum(max(c) for c in costs)
+    _, unit, best = allocate(costs, values, span, span=span)
+    for factor in (0.4, 1.0, 2.5):
+        calls = []
+
+        class Meter:  # "measured" = the prediction times a factor
+            def __init__(self, *a):
+                pass
+
+            def __call__(self, picked):
+                calls.append(picked)
+                return factor * sum(values[int(name[1:])][c] for name, c in picked.items())
+
+            def close(self):
+                pass
+
+        monkeypatch.setattr(A, "KLMeter", Meter)
+        for target in (0.3, 0.8, 1.5):
+            calls.clear()
+            try:
+                choice, checks, measured = A.meet_kl(p, values, best, unit, None, None, None, "rtn", {}, target, False, lambda *a: None)
+            except UserError:
+                assert factor * min(sum(v[-1] for v in values), brute_force(costs, values, span)[0]) > target
+                continue
+            assert measured <= target and measured == pytest.approx(factor * sum(v[c] for v, c in zip(values, choice)))
+            size = sum(c[i] for c, i in zip(costs, choice))
+            # no mix of the frontier smaller than the chosen one meets the target
+            smaller = brute_force(costs, values, size - 1)
+            assert smaller is None or factor * smaller[0] > target
+            assert len(calls) <= A.KL_ROUNDS + 1 and len(checks) == len(calls)
+
+
+def test_unreachable_kl_target_is_one_line_and_writes_nothing(tiny_dirs, tmp_path, text, capsys):
+    import yaml
+
+    d = {"model": {"source": str(tiny_dirs("llama"))}, "device": "cpu", "output": {"dir": str(tmp_path / "out")},
+         "quantization": {"auto": {"kl": 1e-9, "candidates": ["nf4", "int8"]}},
+         "calibration": {"text": {"source": str(text)}, "nsamples": 4, "seqlen": 32}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert main(["run", str(path), "--quiet"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "kl 1e-09 cannot be met with these candidates; the best mix measures" in last
+    assert not (tmp_path / "out").exists()
+
+
+def test_kl_target_is_met_on_the_calibration_text(tiny_dirs, tmp_path, text):
+    """The export of a kl target, loaded back, is within the target on the calibration windows, and it is not
+    needlessly large: the smallest mix measured above the target."""
+    from llmquant.calibrate import calibration_windows
+    from llmquant.data import load_text
+    from llmquant.export import load_export
+    from llmquant.models import load_model, resolve_source
+
+    loose = quiet(auto_recipe(tiny_dirs("llama"), tmp_path / "loose", text, {"kl": 1e6}), dry_run=True).auto
+    smallest = loose["measured_kl"]  # any mix meets a huge target: the smallest one is taken
+    assert loose["chosen_x"] == min(c["x"] for c in loose["kl_checks"])
+    target = smallest / 3
+    recipe = auto_recipe(tiny_dirs("llama"), tmp_path / "out", text, {"kl": target})
+    res = quiet(recipe)
+    a = res.auto
+    assert a["target"] == f"kl {target:g}" and a["measured_kl"] <= target and a["chosen_x"] > loose["chosen_x"]
+    assert all(c["measured_kl"] > target for c in a["kl_checks"] if c["x"] < a["chosen_x"])
+    # measured again here, independently, on the export loaded from disk
+    float_model, tok = load_model(resolve_source(str(tiny_dirs("llama"))), "float32", "cpu")
+    quant_model = load_export(tmp_path / "out", "cpu")
+    c = recipe.calibration
+    windows = calibration_windows(tok, load_text(c.text, "calib").text, min(recipe.quantization.auto.windows, c.nsamples),
+                                  c.seqlen, c.seed)
+    with torch.no_grad():
+        ref = torch.cat([float_model(w[None]).logits[0] for w in windows]).float().log_softmax(-1)
+        got = torch.cat([quant_model(w[None]).logits[0] for w in windows]).float().log_softmax(-1)
+    kl = (ref.exp() * (ref - got)).sum(-1).clamp_min(0).mean().item()
+    assert kl == pytest.approx(a["measured_kl"], rel=1e-3) and kl <= target * (1 + 1e-3)
+    assert "quality target of kl" in (tmp_path / "out" / "README.md").read_text()
+    assert Recipe.load(tmp_path / "out" / "recipe.yaml").quantization.auto is None
