@@ -144,6 +144,12 @@ class SequentialCalibrator:
         # where the windows' activations are kept between forward passes (None: on the compute device); a streamed
         # run keeps them on the CPU, so that the compute device holds one layer and one window
         self.store: torch.device | None = None
+        # the float model's own activations at the current layer (tuning toward the float model), else None
+        self.float_inputs: list[torch.Tensor] | None = None
+
+    def tracks_float_model(self) -> bool:
+        """Whether the float model's activations are carried beside the quantized ones (tune.target: model)."""
+        return self.spec.tune.target == "model" and any(ALGORITHMS[e.method].tunes for e in self.entries.values())
 
     def _decide(self, make):
         """``make()``'s result, computed by one process in turn and sent to the others (or here, alone)."""
@@ -180,6 +186,11 @@ class SequentialCalibrator:
                 den = den + (f.float() ** 2).sum()
                 inputs[i] = self._keep(q)
         return torch.as_tensor(num), torch.as_tensor(den)
+
+    def _run_float(self, layer: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        args, kwargs = _to(self._args, self.device), _to(self._kwargs, self.device)
+        with torch.no_grad():
+            return [self._keep(_first(layer(x.to(self.device), *args, **kwargs)).detach()) for x in inputs]
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         if self.store is None or x.device == self.store:
@@ -259,6 +270,7 @@ class SequentialCalibrator:
         outside = [e for n, e in self.entries.items() if not any(n.startswith(p + ".") for p in inside)]
         self.log(f"calibrating {len(layers)} decoder layers on {len(self.windows)} windows of {self.windows.shape[1]} tokens")
         inputs, self._args, self._kwargs = self._capture_first_inputs(layers[0])
+        self.float_inputs = list(inputs) if self.tracks_float_model() else None
         bar = tqdm(range(len(layers)), desc="calibrating", unit="layer", disable=not self.progress)
         for i in bar:
             layer = layers[i]
@@ -271,6 +283,7 @@ class SequentialCalibrator:
             bar.set_postfix_str(f"layer {i}: output error {err['layer_rel_error']:.3%}")
             self.report.append(err)
             inputs = err.pop("_outputs")
+        self.float_inputs = None
         for e in outside:  # e.g. a quantized output head: no decoder-layer statistics
             method = "rtn" if ALGORITHMS[e.method].calibrated else e.method
             self.log(f"{e.name}: outside the decoder layers, quantized with {method}")
@@ -303,6 +316,9 @@ class SequentialCalibrator:
         )
         give_memory_back()
         groups += [[n] for n in names if not any(n in g for g in groups)]  # layers the forward never called
+        # the float layer on the float model's activations (before anything here is quantized): the tuning targets
+        # and the next layer's float activations
+        model_out = None if self.float_inputs is None else self._run_float(layer, self.float_inputs)
         report = {"layer": prefix, "scaled": []}
 
         # activation-aware scaling, on the float layer's statistics
@@ -364,7 +380,9 @@ class SequentialCalibrator:
                 give_memory_back()  # the solver's n x n temporaries, before the next batch's
 
         if floats:
-            report["tune"] = self._tune(layer, prefix, names, floats, inputs, float_out)
+            report["tune"] = self._tune(layer, prefix, names, floats, inputs, float_out if model_out is None else model_out)
+        if model_out is not None:
+            self.float_inputs = model_out
         num, den = (distributed.sum_(t) for t in self._run_quantized(layer, inputs, float_out))
         report["layer_rel_error"] = (num / den).sqrt().item()
         report["_outputs"] = inputs  # now the quantized layer's outputs
@@ -427,6 +445,11 @@ def _combine(stats: dict[str, _Inputs], keep: int) -> None:
 
 def _batch_key(e: PlanEntry):
     return (e.method, e.scheme) if ALGORITHMS[e.method].calibrated else None
+
+
+def _first(y):
+    """A decoder layer's hidden states (layers return them alone or first in a tuple)."""
+    return y[0] if isinstance(y, tuple) else y
 
 
 def _to(obj, device):

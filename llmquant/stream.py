@@ -354,8 +354,11 @@ class StreamedQuantizer:
             t_layer = time.perf_counter()
             if self.calibrator is not None:
                 self.calibrator.store = torch.device("cpu")  # the device holds the layer and one window at a time
+                self.calibrator.float_inputs = state.pop("float_inputs", None)
                 rep = self.calibrator._layer(layer, prefix, state.pop("inputs"))
                 state["inputs"] = rep.pop("_outputs")
+                if self.calibrator.float_inputs is not None:
+                    state["float_inputs"], self.calibrator.float_inputs = self.calibrator.float_inputs, None
                 record["report"] = rep
                 self.report.append(rep)
                 bar.set_postfix_str(f"layer {i}: output error {rep['layer_rel_error']:.3%}")
@@ -416,6 +419,8 @@ class StreamedQuantizer:
             if self.calibrator is not None:
                 inputs, args, kwargs = self.calibrator._capture_first_inputs(layers[0])
                 state.update(inputs=[x.cpu() for x in inputs], calib_args=_to(args, "cpu"), calib_kwargs=_to(kwargs, "cpu"))
+                if self.calibrator.tracks_float_model():
+                    state["float_inputs"] = list(state["inputs"])
             return state
         finally:
             release(self.model, outside)

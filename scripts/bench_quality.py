@@ -46,6 +46,9 @@ ROWS = {
     "awq+gptq-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "awq+gptq"}),
     "tune-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "tune"}),
     "gptq+tune-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune"}),
+    # tuned toward the float model's own activations at each layer (calibration.tune.target: model)
+    "gptq+tune-nf4-model": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune",
+                                         "calibration": {"tune": {"target": "model"}}}),
     "gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "gptq"}),
     "awq+gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "awq+gptq"}),
     # formats chosen per layer by quantization.auto for 4.5 bits per weight (the size of NF4 block 64), weights by GPTQ
@@ -162,6 +165,9 @@ def _make(name, kind, opt, src, args, device, cwin, spec, tok, calib_text):
         return load_model(src, args.dtype, str(device))[0]
     if kind == "llmquant":
         m, _ = load_model(src, args.dtype, str(device))
+        opt = dict(opt)
+        if "calibration" in opt:  # the row's own calibration settings over the shared ones
+            spec = type(spec).model_validate({**spec.model_dump(), **opt.pop("calibration")})
         q = Quantization.model_validate(opt)
         if q.auto is not None:  # formats chosen first, on the float model (calibration: the same windows)
             from llmquant import auto

@@ -280,3 +280,53 @@ def test_other_families_tune_export_and_reload(tiny_dirs, tmp_path, texts, arch)
     res = _run(_recipe(tiny_dirs(arch), tmp_path / "out", texts, steps=5))
     assert res.check.passed
     assert all("loss_after" in layer["tune"] for layer in res.calibration["layers"])
+
+
+def test_tuning_toward_the_float_model_gets_its_activations_streamed_or_not(tiny_dirs, tmp_path, texts, monkeypatch):
+    """tune.target: model: each layer is tuned toward the float model's own outputs at that layer (computed
+    independently here with hooks on the float model); a streamed run and an in-memory run export the same bytes."""
+    import llmquant.algorithms.tune as tune_mod
+    from llmquant import pipeline
+    from llmquant.data import load_text
+    from llmquant.models import load_model, resolve_source
+
+    seen: list = []
+    real = tune_mod.tune_layer
+
+    def spy(layer, tuned, frozen, inputs, targets, *a, **kw):
+        seen.append([t.clone() for t in targets])
+        return real(layer, tuned, frozen, inputs, targets, *a, **kw)
+
+    monkeypatch.setattr(tune_mod, "tune_layer", spy)
+    recipe = _recipe(tiny_dirs("llama"), tmp_path / "streamed", texts, target="model")
+    res = _run(recipe)
+    assert res.check.passed and len(seen) == 2
+
+    model, tok = load_model(resolve_source(str(tiny_dirs("llama"))), "float32", "cpu")
+    c = recipe.calibration
+    windows = calibration_windows(tok, load_text(c.text, "calib").text, c.nsamples, c.seqlen, c.seed)
+    outs: dict[int, list] = {0: [], 1: []}
+    _, layers = decoder_layers(model)
+    hooks = [layers[i].register_forward_hook(lambda m, a, y, i=i: outs[i].append((y[0] if isinstance(y, tuple) else y).detach()))
+             for i in range(2)]
+    with torch.no_grad():
+        for w in windows:
+            model(w[None])
+    for h in hooks:
+        h.remove()
+    for i in range(2):
+        assert len(seen[i]) == len(outs[i])
+        for got, want in zip(seen[i], outs[i]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    # the default target (the float layer on the quantized inputs) differs from the second layer on
+    seen.clear()
+    _run(_recipe(tiny_dirs("llama"), tmp_path / "layer", texts))
+    assert torch.equal(seen[0][0], outs[0][0]) or torch.allclose(seen[0][0], outs[0][0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(seen[1][0], outs[1][0], rtol=1e-4, atol=1e-5)
+
+    monkeypatch.setattr(pipeline, "_stream_reader", lambda *a: None)  # the whole model in memory
+    _run(_recipe(tiny_dirs("llama"), tmp_path / "memory", texts, target="model"))
+    digest = lambda d: hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    assert digest(tmp_path / "memory") == digest(tmp_path / "streamed")
+    assert digest(tmp_path / "layer") != digest(tmp_path / "streamed")
