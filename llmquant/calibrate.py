@@ -180,7 +180,7 @@ class SequentialCalibrator:
         with torch.no_grad():
             for i, x in enumerate(inputs):
                 y = layer(x.to(self.device), *args, **kwargs)
-                q, f = (y[0] if isinstance(y, tuple) else y).detach(), float_out[i].to(self.device)
+                q, f = _first(y).detach(), float_out[i].to(self.device)
                 float_out[i] = None
                 num = num + ((q.float() - f.float()) ** 2).sum()
                 den = den + (f.float() ** 2).sum()
@@ -250,7 +250,7 @@ class SequentialCalibrator:
                     seen.clear()
                     try:
                         y = layer(x.to(self.device), *args, **kwargs)
-                        outs.append(self._keep((y[0] if isinstance(y, tuple) else y).detach()))
+                        outs.append(self._keep(_first(y).detach()))
                     except _Stop:
                         pass
                     first_call[0] = False

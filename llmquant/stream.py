@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .memory import give_memory_back
 from .backends.bnb import without_cpu_repacking
-from .calibrate import _to, first_layer_input
+from .calibrate import _first, _to, first_layer_input
 from .errors import UserError
 from .plan import LLMQUANT_METHOD
 
@@ -516,8 +516,7 @@ def source_layer(model: nn.Module, stack: str, i: int, reader: CheckpointReader,
 
 def _call(layer, x, args, kwargs, device):
     with torch.no_grad():
-        y = layer(x, *_to(args, device), **_to(kwargs, device))
-    return y[0] if isinstance(y, tuple) else y
+        return _first(layer(x, *_to(args, device), **_to(kwargs, device)))
 
 
 def _release(model: nn.Module, name: str) -> None:
