@@ -46,9 +46,9 @@ ROWS = {
     "awq+gptq-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "awq+gptq"}),
     "tune-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "tune"}),
     "gptq+tune-nf4": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune"}),
-    # tuned toward the float model's own activations at each layer (calibration.tune.target: model)
-    "gptq+tune-nf4-model": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune",
-                                         "calibration": {"tune": {"target": "model"}}}),
+    # tuned toward the float layer's outputs on the quantized inputs (calibration.tune.target: layer)
+    "gptq+tune-nf4-layer": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune",
+                                         "calibration": {"tune": {"target": "layer"}}}),
     "gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "gptq"}),
     "awq+gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "awq+gptq"}),
     # formats chosen per layer by quantization.auto for 4.5 bits per weight (the size of NF4 block 64), weights by GPTQ

@@ -298,7 +298,7 @@ def test_tuning_toward_the_float_model_gets_its_activations_streamed_or_not(tiny
         return real(layer, tuned, frozen, inputs, targets, *a, **kw)
 
     monkeypatch.setattr(tune_mod, "tune_layer", spy)
-    recipe = _recipe(tiny_dirs("llama"), tmp_path / "streamed", texts, target="model")
+    recipe = _recipe(tiny_dirs("llama"), tmp_path / "streamed", texts)  # target: model, the default
     res = _run(recipe)
     assert res.check.passed and len(seen) == 2
 
@@ -319,14 +319,14 @@ def test_tuning_toward_the_float_model_gets_its_activations_streamed_or_not(tiny
         for got, want in zip(seen[i], outs[i]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
-    # the default target (the float layer on the quantized inputs) differs from the second layer on
+    # target layer (the float layer on the quantized inputs) differs from the second layer on
     seen.clear()
-    _run(_recipe(tiny_dirs("llama"), tmp_path / "layer", texts))
+    _run(_recipe(tiny_dirs("llama"), tmp_path / "layer", texts, target="layer"))
     assert torch.equal(seen[0][0], outs[0][0]) or torch.allclose(seen[0][0], outs[0][0], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(seen[1][0], outs[1][0], rtol=1e-4, atol=1e-5)
 
     monkeypatch.setattr(pipeline, "_stream_reader", lambda *a: None)  # the whole model in memory
-    _run(_recipe(tiny_dirs("llama"), tmp_path / "memory", texts, target="model"))
+    _run(_recipe(tiny_dirs("llama"), tmp_path / "memory", texts))
     digest = lambda d: hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
     assert digest(tmp_path / "memory") == digest(tmp_path / "streamed")
     assert digest(tmp_path / "layer") != digest(tmp_path / "streamed")
