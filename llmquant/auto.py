@@ -352,6 +352,8 @@ class KLMeter:
 
     @torch.no_grad()
     def __call__(self, picked: dict) -> float:
+        from .evaluate.perplexity import token_kl
+
         quant = {n: self.float[n] if isinstance(c, Keep) and c.dtype == self.model.dtype else self.module(n, c)
                  for n, c in picked.items()}
         device = next(p.device for p in self.model.parameters() if p.device.type != "meta")
@@ -363,7 +365,7 @@ class KLMeter:
                 ref = torch.log_softmax(self.model(x, use_cache=False).logits[0].float(), -1)
                 self._use(quant)
                 logp = torch.log_softmax(self.model(x, use_cache=False).logits[0].float(), -1)
-                total += float((ref.exp() * (ref - logp)).sum(-1).clamp_min(0).sum())
+                total += float(token_kl(ref, logp).sum())
                 tokens += len(ref)
         finally:
             self._use(self.float)

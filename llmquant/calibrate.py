@@ -388,7 +388,6 @@ class SequentialCalibrator:
         report["_outputs"] = inputs  # now the quantized layer's outputs
         return report
 
-
     def _tune(self, layer: nn.Module, prefix: str, names: list[str], floats: dict, inputs: list, float_out: list) -> dict:
         """Tune the codes and scales of the layers in ``floats`` (from their starting choice) on the layer's output."""
         from .algorithms.tune import tune_layer
@@ -452,14 +451,17 @@ def _first(y):
     return y[0] if isinstance(y, tuple) else y
 
 
-def _to(obj, device):
-    """Tensors (also inside tuples, lists and dicts) moved to ``device``."""
+def _to(obj, device, float_dtype: torch.dtype | None = None):
+    """Tensors (also inside tuples, lists and dicts) moved to ``device``; floating ones also cast to ``float_dtype``
+    when given."""
     if isinstance(obj, torch.Tensor):
+        if float_dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=float_dtype)
         return obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, float_dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, float_dtype) for k, v in obj.items()}
     return obj
 
 

@@ -215,6 +215,8 @@ def tune_layer(layer: nn.Module, tuned: dict[str, tuple[torch.Tensor, QuantizedW
     ``options``: steps, lr (default 0.25 / steps), batch (windows per step), seed. ``dtype``: the compute
     dtype of the results (the layer computes in float32 while tuning; its tensors get their dtypes back).
     """
+    from ..calibrate import _first, _to  # (the calibrator imports the algorithms)
+
     steps, batch, seed = options["steps"], options["batch"], options["seed"]
     lr = options.get("lr") or DEFAULT_LR_TIMES_STEPS / steps
     t0 = time.perf_counter()
@@ -234,14 +236,12 @@ def tune_layer(layer: nn.Module, tuned: dict[str, tuple[torch.Tensor, QuantizedW
             p.requires_grad_(False)
         dtypes = {n: t.dtype for n, t in _tensors(layer) if t.is_floating_point()}
         layer.float()
-        a32, kw32 = _float(args, device), _float(kwargs, device)
+        a32, kw32 = _to(args, device, torch.float32), _to(kwargs, device, torch.float32)
 
         def loss_on(windows) -> torch.Tensor:
             x = torch.cat([inputs[i] for i in windows]).to(device).float()
             t = torch.cat([targets[i] for i in windows]).to(device).float()
-            y = layer(x, *a32, **kw32)
-            y = y[0] if isinstance(y, tuple) else y
-            return F.mse_loss(y, t)
+            return F.mse_loss(_first(layer(x, *a32, **kw32)), t)
 
         def full_loss() -> float:
             with torch.no_grad():
@@ -294,17 +294,6 @@ def _tensors(layer: nn.Module):
 def _bias(module: nn.Module) -> torch.Tensor | None:
     b = getattr(module, "bias", None)
     return None if b is None else b.detach()
-
-
-def _float(obj, device):
-    """Float tensors (also inside tuples, lists and dicts) as float32 on ``device``; others moved only."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device=device, dtype=torch.float32) if obj.is_floating_point() else obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_float(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _float(v, device) for k, v in obj.items()}
-    return obj
 
 
 # ---- the methods a recipe names: the starting choice per Linear; the calibrator then tunes each decoder layer ----

@@ -148,7 +148,7 @@ def evaluate(model, ids: torch.Tensor, windows: list[Window], batch_size: int = 
             if reference is not None and position < reference.capacity:
                 n = min(len(logp), reference.capacity - position)
                 ref = reference.read(position, n).to(logp.device)
-                kl.append((ref.exp() * (ref - logp[:n])).sum(-1).clamp_min(0).cpu())
+                kl.append(token_kl(ref, logp[:n]).cpu())
                 agree.append((ref.argmax(-1) == logp[:n].argmax(-1)).cpu())
             position += w.n_targets
             bar.update(w.n_targets)
@@ -162,6 +162,11 @@ def evaluate(model, ids: torch.Tensor, windows: list[Window], batch_size: int = 
     if reference is not None:
         result.divergence = divergence_stats(torch.cat(kl), torch.cat(agree))
     return result
+
+
+def token_kl(ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL divergence of ``logp`` from ``ref`` (log-probabilities, ``[..., vocab]``) per position, in nats."""
+    return (ref.exp() * (ref - logp)).sum(-1).clamp_min(0)
 
 
 def divergence_stats(kl: torch.Tensor, agree: torch.Tensor) -> dict:
