@@ -4,8 +4,12 @@ Each model is loaded as a user would load it (``from_pretrained``), then, for ea
 a fixed prompt of ``prompt_tokens`` tokens (the same rows in every batch) is
 
 * **prefilled**: one forward pass over the prompt with the KV cache on (tokens/s = batch × prompt / time);
-* **generated**: greedy ``generate`` of exactly ``new_tokens`` tokens, KV cache on; decode tokens/s =
-  batch × (new_tokens − 1) / (generate time − prefill time), the first new token coming from the prefill.
+* **generated**: greedy ``generate`` of exactly ``new_tokens`` tokens, KV cache on. Each step of ``generate``
+  is timed from the start of its forward pass to the start of the next one (the last to the end of
+  ``generate``), so a step's time includes choosing its token; the first new token comes from the prefill, the
+  other ``new_tokens − 1`` from decode steps. Decode tokens/s = batch / the median decode step time: a step
+  slowed by other work on the machine moves the median little, where it moves the mean of a short run a lot.
+  ``decode_throughput`` is the same count over the whole decode: batch × (new_tokens − 1) / the sum of the steps.
 
 After ``warmup`` untimed runs, ``repeats`` timed runs give the median and the spread (min, max). On CUDA the
 clock is read after ``torch.cuda.synchronize`` and timed with CUDA events; peak device memory is
@@ -103,6 +107,33 @@ class _Clock:
             self.seconds = time.perf_counter() - self._t0
 
 
+class _Steps:
+    """When each forward pass of ``model`` starts (a forward pre-hook): the steps of ``generate``."""
+
+    def __init__(self, model, device: torch.device):
+        self.cuda, self.marks = device.type == "cuda", []
+        self._handle = model.register_forward_pre_hook(lambda module, args: self.marks.append(self._now()))
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def decode_seconds(self) -> list[float]:
+        """Seconds of each decode step of the last ``generate`` (from its second forward pass on); call right
+        after it returns."""
+        marks = self.marks[1:] + [self._now()]
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
 def prompt_ids(tokenizer, n: int, vocab_size: int) -> torch.Tensor:
     """``n`` fixed prompt tokens: the bench text repeated (token ids spread over the vocabulary without a tokenizer)."""
     if tokenizer is not None:
@@ -133,32 +164,42 @@ def bench_model(model, tokenizer, settings: SpeedSettings, log=print) -> dict:
                    use_cache=True, pad_token_id=pad, attention_mask=mask)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        prefill, total = [], []
+        prefill, total, steps = [], [], []
         try:
             for i in range(settings.warmup + settings.repeats):
                 with _Clock(device) as c1:
                     model(x, attention_mask=mask, use_cache=True)
-                with _Clock(device) as c2:
-                    out = model.generate(x, **gen)
+                clock = _Steps(model, device)
+                try:
+                    with _Clock(device) as c2:
+                        out = model.generate(x, **gen)
+                    step = clock.decode_seconds()
+                finally:
+                    clock.close()
                 new = out.shape[1] - x.shape[1]
-                if new != settings.new_tokens:
-                    raise RuntimeError(f"generate made {new} tokens, not {settings.new_tokens}")
+                if new != settings.new_tokens or len(step) != new - 1:
+                    raise RuntimeError(f"generate made {new} tokens in {len(step) + 1} forward passes, "
+                                       f"not {settings.new_tokens}")
                 if i >= settings.warmup:
                     prefill.append(c1.seconds)
                     total.append(c2.seconds)
+                    steps.append(step)
         except torch.OutOfMemoryError:
             raise UserError(f"batch size {bs} with {settings.prompt_tokens}+{settings.new_tokens} tokens does not fit "
                             f"in {device} memory; give smaller --batch-sizes or fewer tokens") from None
         if text is None and tokenizer is not None:
             text = tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True)
         first = out[0, x.shape[1]:].tolist()
-        decode = [max(t - p, 1e-9) for t, p in zip(total, prefill)]
+        median_step = [statistics.median(st) for st in steps]
         row = {
             "batch_size": bs,
             "prefill_seconds": _stats(prefill),
             "generate_seconds": _stats(total),
             "prefill_tokens_per_second": _stats([bs * settings.prompt_tokens / s for s in prefill]),
-            "decode_tokens_per_second": _stats([bs * (settings.new_tokens - 1) / s for s in decode]),
+            "decode_step_seconds": _stats(median_step),
+            "decode_seconds": _stats([sum(st) for st in steps]),
+            "decode_tokens_per_second": _stats([bs / s for s in median_step]),
+            "decode_throughput": _stats([bs * len(st) / sum(st) for st in steps]),
             "generated_tokens": bs * settings.new_tokens,
             "greedy_ids": first,
         }
@@ -221,7 +262,8 @@ def speed_table(speed: dict) -> str:
     s = speed["settings"]
     where = speed.get("gpu") or f"CPU ({speed['cpu_threads']} threads)"
     lines = [f"Speed on {where}, torch {speed['torch']}, bitsandbytes {speed['bitsandbytes']}: prompt {s['prompt_tokens']} "
-             f"tokens, {s['new_tokens']} new tokens (greedy, KV cache), median of {s['repeats']} runs (min–max).", "",
+             f"tokens, {s['new_tokens']} new tokens (greedy, KV cache), median of {s['repeats']} runs (min–max); "
+             f"decode tok/s = batch / the median time of a decode step.", "",
              "| model | batch | load (s) | prefill tok/s | decode tok/s | peak host memory | peak device memory |",
              "|---|---|---|---|---|---|---|"]
     for label, r in speed["models"].items():

@@ -24,6 +24,10 @@ def test_counts_and_rates_are_consistent(tiny_dirs):
         # three repeats: the median rate is the rate of the median time
         assert row["prefill_tokens_per_second"]["median"] == pytest.approx(bs * 12 / p["median"])
         assert row["decode_tokens_per_second"]["max"] >= row["decode_tokens_per_second"]["median"] >= row["decode_tokens_per_second"]["min"] > 0
+        # decode: batch / the median step (5 decode steps per run), and over the whole decode, which is part of generate
+        assert row["decode_tokens_per_second"]["median"] == pytest.approx(bs / row["decode_step_seconds"]["median"])
+        assert row["decode_throughput"]["median"] == pytest.approx(bs * 5 / row["decode_seconds"]["median"])
+        assert row["decode_seconds"]["median"] < g["median"]
         assert g["median"] > 0
     assert r["load_seconds"] > 0 and r["peak_host_bytes"] > 100e6
     assert isinstance(r["greedy_text"], str)
