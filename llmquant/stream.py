@@ -142,6 +142,7 @@ class CheckpointReader:
             self.where = {k: "model.safetensors" for k in self._keys("model.safetensors")}
         self._stack = ExitStack()
         self._open: dict[str, object] = {}
+        self._ranges: dict[str, dict[str, FileRange]] = {}
 
     def _handle(self, f: str):
         from safetensors import safe_open
@@ -152,6 +153,17 @@ class CheckpointReader:
 
     def get(self, name: str) -> torch.Tensor:
         return self._handle(self.where[name]).get_tensor(name)
+
+    def get_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor, reading only their bytes."""
+        return self._handle(self.where[name]).get_slice(name)[start:stop]
+
+    def range(self, name: str) -> "FileRange":
+        """Where a tensor's bytes lie in its file (from the file's header alone)."""
+        f = self.where[name]
+        if f not in self._ranges:
+            self._ranges[f] = tensor_ranges(self.folder / f)[0]
+        return self._ranges[f][name]
 
     def _keys(self, f: str) -> list[str]:
         from safetensors import safe_open
@@ -214,9 +226,11 @@ def missing_tensors(model: nn.Module, reader: CheckpointReader) -> list[str]:
     return [n for n in state_names(model) if n not in reader.where]
 
 
-def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device, skip=frozenset(), only=None) -> None:
+def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device, skip=frozenset(), only=None,
+                unchanged: dict | None = None) -> None:
     """Read a module's parameters and persistent buffers from the checkpoint onto ``device`` (in the skeleton's dtypes);
-    ``skip``/``only``: names (relative to ``module``) to leave out / to read alone."""
+    ``skip``/``only``: names (relative to ``module``) to leave out / to read alone. ``unchanged`` (when given) gets,
+    for each tensor read without a conversion, what :func:`as_read` needs to know it still holds the file's bytes."""
     from accelerate.utils import set_module_tensor_to_device
 
     for name in state_names(module):
@@ -228,8 +242,24 @@ def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, device
         owner, _, leaf = name.rpartition(".")
         m = module.get_submodule(owner) if owner else module
         old = m._parameters.get(leaf) if leaf in m._parameters else m._buffers.get(leaf)
-        value = reader.get(full).to(old.dtype)
-        set_module_tensor_to_device(module, name, device, value=value)
+        raw = reader.get(full)
+        set_module_tensor_to_device(module, name, device, value=raw.to(old.dtype))
+        if unchanged is not None and raw.dtype == old.dtype:
+            new = m._parameters.get(leaf) if leaf in m._parameters else m._buffers.get(leaf)
+            unchanged[full] = (new.data_ptr(), new._version, reader.range(full))
+
+
+def as_read(tensors: dict, unchanged: dict) -> dict:
+    """``tensors`` with each one that is still exactly as :func:`materialize` read it (the same memory, never
+    written to since: torch counts in-place writes) replaced by its bytes' place in the source file, so that writing
+    it copies file to file and never brings it into memory."""
+    out = {}
+    for k, t in tensors.items():
+        seen = unchanged.get(k)
+        same = (seen is not None and isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.data_ptr() == seen[0]
+                and t._version == seen[1] and (t.dtype, tuple(t.shape)) == (seen[2].dtype, seen[2].shape))
+        out[k] = seen[2] if same else t
+    return out
 
 
 # ---- the work folder ---------------------------------------------------------------------------------
@@ -407,8 +437,8 @@ class StreamedQuantizer:
                 self._chosen[name] = qw
                 give_memory_back()  # the quantizer's temporaries, before the next Linear's
 
-    def _materialize_outside(self, layers) -> list[str]:
-        return materialize_outside(self.model, layers, self.reader, self.device)
+    def _materialize_outside(self, layers, unchanged: dict | None = None) -> list[str]:
+        return materialize_outside(self.model, layers, self.reader, self.device, unchanged)
 
     def _first_inputs(self, layers) -> dict:
         """Embed the probe (and the calibration windows): the first decoder layer's inputs and call arguments."""
@@ -431,7 +461,8 @@ class StreamedQuantizer:
         from .export import collect_tensors
         from .quantize import install, layer_weight
 
-        outside = self._materialize_outside(layers)
+        unchanged: dict = {}
+        outside = self._materialize_outside(layers, unchanged)
         chosen = self.chosen()
         for name, e in self.entries.items():
             if any(name.startswith(p + ".") for p in prefixes):
@@ -445,7 +476,8 @@ class StreamedQuantizer:
         if self.lean_check:
             without_cpu_repacking(self.model)
         logits = _logits_after_layers(self.model, layers, self.probe_ids.to(self.device), hidden.to(self.device))
-        self.work.save("rest", collect_tensors(self.model, self.plan, chosen, outside=prefixes), {})
+        # the embeddings (and a head kept in float) are copied file to file: only the probe's rows were read
+        self.work.save("rest", as_read(collect_tensors(self.model, self.plan, chosen, outside=prefixes), unchanged), {})
         release(self.model, outside)
         return logits
 
@@ -463,12 +495,12 @@ def outside_modules(model: nn.Module, layers) -> list[str]:
     return names
 
 
-def materialize_outside(model: nn.Module, layers, reader: CheckpointReader, device) -> list[str]:
+def materialize_outside(model: nn.Module, layers, reader: CheckpointReader, device, unchanged: dict | None = None) -> list[str]:
     """Read everything outside the decoder layers onto ``device`` (tied weights tied again); returns the modules'
     names, for :func:`release`."""
     outside = outside_modules(model, layers)
     for n in outside:
-        materialize(model.get_submodule(n), n, reader, device)
+        materialize(model.get_submodule(n), n, reader, device, unchanged=unchanged)
     reader.close()
     model.tie_weights()
     return outside
@@ -649,7 +681,9 @@ class LayeredReload:
     @contextmanager
     def layer(self, i: int, compare=None):
         """Decoder layer ``i`` in place while in use (``compare(model, prefix)`` sees it first), then given back."""
-        if i == 0:
+        if i == 0:  # loaded by from_pretrained with the model; compared before its forward, as every layer
+            if compare is not None:
+                compare(self.model, f"{self.stack}.0")
             yield self.model.get_submodule(self.stack)[0]
             return
         # what goes back in place once the layer has run (bitsandbytes' parameters cannot be deep-copied on meta)
@@ -674,15 +708,17 @@ class LayeredReload:
     def logits(self, batches: list[torch.Tensor], compare=None, desc: str | None = None):
         """The reloaded model's logits on each batch of token ids, computed one reloaded layer at a time (all
         batches through layer 0, then layer 1, ...). ``compare(model, prefix)``, when given, is called with each
-        layer in place (``prefix`` None: the model outside layers 1..N-1)."""
+        layer in place before its forward (which may repack a layer's weights on the CPU), and with ``prefix`` None for
+        the model outside its decoder layers once all batches are through (the forward reads the embeddings' rows for
+        its tokens alone, the comparison all of them: so they are not held in memory while the layers run)."""
+        yield from logits_layer_by_layer(self.model, self.stack, len(self.layers), batches,
+                                         lambda i: self.layer(i, compare), self.device, desc)
         if compare is not None:
             compare(self.model, None)
-        return logits_layer_by_layer(self.model, self.stack, len(self.layers), batches,
-                                     lambda i: self.layer(i, compare), self.device, desc)
 
     def run(self, ids: torch.Tensor, compare=None) -> torch.Tensor:
         """Logits on ``ids`` (see :meth:`logits`)."""
-        return next(iter(self.logits([ids], compare)))
+        return list(self.logits([ids], compare))[0]
 
     def close(self) -> None:
         self.reader.close()

@@ -71,6 +71,30 @@ def test_writer_is_byte_for_byte_safetensors(tmp_path):
         assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
+def test_only_tensors_still_as_read_are_copied_from_the_source_file(tmp_path):
+    from torch import nn
+
+    from llmquant.stream import CheckpointReader, FileRange, as_read, materialize
+
+    torch.manual_seed(0)
+    save_file({"a.weight": torch.randn(4, 3), "b.weight": torch.randn(4, 3), "c.weight": torch.randn(4, 3).double()},
+              str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader(tmp_path)
+    with torch.device("meta"):
+        m = nn.ModuleDict({"a": nn.Linear(3, 4, bias=False), "b": nn.Linear(3, 4, bias=False), "c": nn.Linear(3, 4, bias=False)})
+    unchanged: dict = {}
+    materialize(m, "", reader, "cpu", unchanged=unchanged)
+    assert set(unchanged) == {"a.weight", "b.weight"}  # c was converted from float64 on reading
+    with torch.no_grad():
+        m["b"].weight.mul_(1.0)  # written to in place, even with the same values
+    tied = m["a"].weight.detach().clone()
+    out = as_read({"a.weight": m["a"].weight.detach(), "b.weight": m["b"].weight.detach(), "c.weight": m["c"].weight.detach(),
+                   "t": tied}, {**unchanged, "t": unchanged["a.weight"]})
+    assert isinstance(out["a.weight"], FileRange) and out["a.weight"] == reader.range("a.weight")
+    assert all(isinstance(out[k], torch.Tensor) for k in ("b.weight", "c.weight", "t"))
+    reader.close()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_streamed_export_equals_the_in_memory_export(tiny_dirs, tmp_path, monkeypatch, calib_file, arch, name):
@@ -141,8 +165,9 @@ def peak_rss_of(cmd: list[str], **kw) -> tuple[int, subprocess.CompletedProcess]
 
 @pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="needs /usr/bin/time")
 def test_a_checkpoint_larger_than_the_memory_used_still_quantizes(tmp_path):
-    """A 1.3 GB float32 checkpoint in 3 shards is quantized by a process whose peak memory stays below its size
-    (measured: about 0.75 of it, most of that the reload check of the export; loading it whole takes more than 1.0)."""
+    """A 1.3 GB float32 checkpoint in 3 shards is quantized by a process whose peak memory stays well below its size
+    (measured: 0.46 of it, about half of that Python and the libraries; before the embeddings and the head were
+    copied file to file and compared after the forward, 0.75; loading the model whole takes more than 1.0)."""
     import transformers as tf
     from transformers import AutoModelForCausalLM
 
@@ -160,7 +185,7 @@ def test_a_checkpoint_larger_than_the_memory_used_still_quantizes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads((tmp_path / "out" / "llmquant.json").read_text())
     assert meta["loading"]["streamed"] and meta["export_check"]["passed"]
-    assert rss < ckpt, (rss, ckpt)  # the whole model in memory would take more than the checkpoint alone
+    assert rss < 0.65 * ckpt, (rss, ckpt)  # the whole model in memory would take more than the checkpoint alone
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
