@@ -5,7 +5,7 @@ import torch
 
 import bitsandbytes.functional as F
 from llmquant.algorithms import ALGORITHMS
-from llmquant.algorithms.awq import llm_int8_output, search_scales
+from llmquant.algorithms.awq import llm_int8_activations, llm_int8_output, search_scales
 from llmquant.algorithms.grid import diagonal_blocks, round_4bit, search_block_scales
 from llmquant.algorithms.gptq import gptq, gptq_layers
 from llmquant.algorithms.rtn import rtn_4bit, rtn_int8
@@ -132,6 +132,11 @@ def test_llm_int8_simulation_matches_bitsandbytes():
         ref = x @ w.t()
         sim = llm_int8_output(x, qw.codes, qw.scb, t)
         assert (sim - y).norm() / ref.norm() < 0.05 * (y - ref).norm() / ref.norm()
+        # the same product as the activations it uses times the dequantized weight (what tuning computes with)
+        sim2 = llm_int8_activations(x, t) @ qw.dequantize().float().t()
+        assert (sim2 - y).norm() / ref.norm() < 0.05 * (y - ref).norm() / ref.norm()
+        if not t:  # every column rounded to int8 per token: without that rounding the simulation would be far off
+            assert (x @ qw.dequantize().float().t() - y).norm() > 100 * (sim2 - y).norm()
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])

@@ -143,6 +143,26 @@ def _outputs(layer, xs, args, kwargs, weights=None):
             layer.get_submodule(n).weight.data = w
 
 
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_an_int8_layer_tunes_on_the_product_llm_int8_computes(threshold):
+    """bitsandbytes' INT8 product rounds the inputs too (per token, outlier columns aside): the tuning's forward
+    computes that product, not the float inputs times the dequantized weight."""
+    from llmquant.backends.bnb import build_module
+
+    torch.manual_seed(3)
+    w = torch.randn(64, 256) * 0.02
+    scheme = Int8(threshold=threshold)
+    m = TunedLinear(w, _start(w, scheme), scheme, None)
+    x = torch.randn(40, 256)
+    x[3, 7] = 9.0  # an outlier column above the threshold 6
+    with torch.no_grad():
+        y = build_module(m.result(torch.float32), None, torch.float32, "cpu")(x)
+        plain = x @ m.weight_value().t()
+        assert (m(x) - y).norm() < 0.05 * (plain - y).norm()
+    torch.nn.functional.mse_loss(m(x), x @ w.t()).backward()
+    assert m.v.grad.abs().sum() > 0 and m.f.grad.abs().sum() > 0
+
+
 def test_a_tuned_layer_beats_rtn_and_gptq_on_held_out_inputs(smollm2_layer):
     layer, calib, held, args, kwargs = smollm2_layer
     scheme = FourBit(format="nf4")

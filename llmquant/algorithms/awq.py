@@ -121,6 +121,25 @@ def llm_int8_output(x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, thr
     return y
 
 
+def llm_int8_activations(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The activations as bitsandbytes' LLM.int8 product uses them (float32, ``x``'s shape): in float16, each token
+    rounded to int8 by its absolute maximum, except in the columns where some token reaches ``threshold``, which
+    stay in float16. ``F.linear`` of these with the int8 weight's dequantized values is :func:`llm_int8_output`
+    up to float rounding (the token dimensions are taken together, as one matrix product takes them)."""
+    a = x.reshape(-1, x.shape[-1]).to(torch.float16).float()
+    quant = a
+    cols = None
+    if threshold > 0:
+        outliers = a.abs() >= threshold
+        cols = outliers.any(0)
+        quant = a.masked_fill(outliers, 0.0)
+    rowmax = quant.abs().amax(1, keepdim=True).clamp_min(1e-8)
+    qa = torch.round(quant * (127.0 / rowmax)) * (rowmax / 127.0)
+    if cols is not None:
+        qa = torch.where(cols, a, qa)
+    return qa.reshape(x.shape)
+
+
 def _loss(w: torch.Tensor, scheme, s: torch.Tensor, h: torch.Tensor, x_sample: torch.Tensor | None) -> torch.Tensor:
     """Mean squared output error per token of one layer with input scales ``s`` (RTN on its grid)."""
     ws = w * s.unsqueeze(0)

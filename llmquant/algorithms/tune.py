@@ -15,7 +15,10 @@ that the layer's outputs match the float layer's outputs on the calibration inpu
 
 The forward pass computes with exactly the values bitsandbytes will dequantize: the
 code's codebook value times the scale *as stored* (after double quantization when that
-is on), with straight-through gradients for the rounding of codes and of scales. What
+is on), with straight-through gradients for the rounding of codes and of scales. An
+INT8 layer's inputs are rounded as LLM.int8's product rounds them (per token to int8,
+columns with an outlier kept in float16; the tokens of a step's windows together), with
+straight-through gradients too. What
 is emitted (:meth:`TunedLinear.result`) are those codes and scales, so the checkpoint
 holds exactly the weights the tuning saw.
 """
@@ -147,6 +150,8 @@ class TunedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.fixed if self.fixed is not None else self._codes_and_weight()[2]
+        if not self.fourbit:
+            x = _int8_inputs(x, self.scheme.threshold)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     # ---- tuning steps and the result ----------------------------------------------------------
@@ -196,9 +201,20 @@ class FrozenLinear(nn.Module):
         super().__init__()
         self.register_buffer("w", qw.dequantize().float())
         self.register_buffer("b", None if bias is None else bias.detach().float())
+        self.threshold = qw.threshold if isinstance(qw, Int8Weight) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.threshold is not None:
+            x = _int8_inputs(x, self.threshold)
         return F.linear(x, self.w.to(x.dtype), None if self.b is None else self.b.to(x.dtype))
+
+
+def _int8_inputs(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """An INT8 layer's inputs as LLM.int8 multiplies them (rounded to int8 per token, outlier columns in float16),
+    with the float inputs' gradient: the tuning sees the activations' rounding error as the export will have it."""
+    from .awq import llm_int8_activations
+
+    return _ste(llm_int8_activations(x.detach(), threshold).to(x.dtype), x)
 
 
 def tune_layer(layer: nn.Module, tuned: dict[str, tuple[torch.Tensor, QuantizedWeight, object]],
