@@ -49,6 +49,9 @@ ROWS = {
     # tuned toward the float layer's outputs on the quantized inputs (calibration.tune.target: layer)
     "gptq+tune-nf4-layer": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune",
                                          "calibration": {"tune": {"target": "layer"}}}),
+    # four calibration windows per tuning step instead of one
+    "gptq+tune-nf4-b4": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune",
+                                      "calibration": {"tune": {"batch": 4}}}),
     "gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "gptq"}),
     "awq+gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "awq+gptq"}),
     # formats chosen per layer by quantization.auto for 4.5 bits per weight (the size of NF4 block 64), weights by GPTQ
