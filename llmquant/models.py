@@ -92,14 +92,16 @@ def load_config(src: ModelSource, trust_remote_code: bool = False):
 
 
 def load_model(src: ModelSource, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-               quantization_config=None, allow_quantized: bool = False, allow_pickle: bool = False):
+               quantization_config=None, allow_quantized: bool = False, allow_pickle: bool = False,
+               max_memory: dict | None = None, offload_folder: Path | None = None):
     """Load a causal LM and its tokenizer (eval mode, no grad).
 
     Returns ``(model, tokenizer)``. A GGUF file is dequantized to float by transformers;
     the GGUF quantization marker is removed so the model is an ordinary float model.
     A checkpoint that is already quantized is refused unless ``allow_quantized``
     (evaluation loads llmquant and stock bitsandbytes checkpoints alike);
-    ``quantization_config`` quantizes while loading (stock ``load_in_4bit``).
+    ``quantization_config`` quantizes while loading (stock ``load_in_4bit``). ``max_memory`` (accelerate's: device ->
+    bytes) spreads the model with ``device_map="auto"``, what does not fit going to ``offload_folder`` on disk.
     """
     from transformers import AutoModelForCausalLM
 
@@ -122,6 +124,8 @@ def load_model(src: ModelSource, dtype: str = "auto", device: str = "auto", trus
         kw.setdefault("device_map", {"": str(dev)})
     if dev.type == "cuda":
         kw["device_map"] = "auto" if device == "auto" and torch.cuda.device_count() > 1 else {"": str(dev)}
+    if max_memory is not None:
+        kw.update(device_map="auto", max_memory=max_memory, offload_folder=str(offload_folder))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src.location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kw

@@ -9,7 +9,9 @@ import io
 import json
 import platform
 import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from .errors import ExportCheckError
 from .export import (MARKER_FILE, ExportCheck, atomic_output, check_output_dir, keep_in_fp32_modules, keep_unchecked, logits_on,
                      model_device, probe_ids, probe_summary, safetensors_bytes, verify_export, verify_streamed_export,
                      write_checkpoint, write_streamed_checkpoint)
+from .memory import give_memory_back
 from .models import (TOKENIZER_FILES, fingerprint, has_tokenizer, load_config, load_model, load_tokenizer, pick_device, resolve_dtype,
                      resolve_source)
 from .stream import skeleton
@@ -189,7 +192,6 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
 def _choose_formats(recipe: Recipe, problem, src, calib_text, log, progress: bool):
     """``quantization.auto`` resolved into rules on the float model (loaded whole for the gradients)."""
     from . import auto
-    from .memory import give_memory_back
 
     m = recipe.model
     if calib_text is None:  # a dry run
@@ -244,11 +246,11 @@ def _stream_reader(recipe: Recipe, src, model, log):
     """A reader of the checkpoint when the run can stream it layer by layer into ``model`` (a skeleton), else None.
 
     Streaming needs the weights as safetensors whose names are the model's own; perplexity and divergence
-    are streamed too, lm-eval tasks need the whole model (the baseline, then the quantized model).
+    are streamed too, lm-eval tasks load each model whole for their turn (:func:`_whole_for_tasks`).
     """
     from .stream import CheckpointReader, local_folder, missing_tensors, stream_reason
 
-    reason = "lm-eval tasks need the whole model" if recipe.eval and recipe.eval.tasks else stream_reason(src)
+    reason = stream_reason(src)
     if reason is None and pick_device(recipe.device).type == "cuda" and recipe.device == "auto" and torch.cuda.device_count() > 1:
         reason = "several GPUs are used through accelerate's device map"
     if reason is None:
@@ -301,8 +303,9 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
     if evaluation and recipe.eval.baseline:
         t = time.perf_counter()
         cache_key = evaluation.cache_key(fingerprint(src, model.config), plan.model_dtype, device)
-        evaluated["baseline"] = _evaluate_streamed(evaluation, model, reader, device, _dtype_name(plan.model_dtype),
-                                                   _baseline_size(model, plan), cache_key, progress)
+        evaluated["baseline"] = _evaluate_streamed(
+            evaluation, model, reader, device, _dtype_name(plan.model_dtype), _baseline_size(model, plan), cache_key, progress,
+            tasks_model=lambda: _whole_for_tasks(src, "baseline", plan.float_bytes, _dtype_name(plan.model_dtype), device, recipe, log.print))
         timings["eval_baseline"] = time.perf_counter() - t
         t = time.perf_counter()
     calibrator = None
@@ -334,9 +337,11 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
             t = time.perf_counter()
             reload = LayeredReload(folder, plan.model_dtype, device)
             try:
-                evaluated["quantized"] = evaluation.run(reload.model, describe(plan), _quantized_size(model, plan), device=device,
-                                                        logits_of=lambda xs: reload.logits(
-                    xs, desc="evaluating the export" if progress else None))
+                evaluated["quantized"] = evaluation.run(
+                    reload.model, describe(plan), _quantized_size(model, plan), device=device,
+                    logits_of=lambda xs: reload.logits(xs, desc="evaluating the export" if progress else None),
+                    tasks_model=lambda: _whole_for_tasks(resolve_source(str(folder)), "the quantized model", plan.total_bytes,
+                                                         _dtype_name(plan.model_dtype), device, recipe, log.print, quantized=True))
             finally:
                 reload.close()
             timings["eval_quantized"] = time.perf_counter() - t
@@ -394,8 +399,10 @@ def _quantized_size(model, plan: Plan) -> dict:
     return {**planned_linear_size(plan, head_name), "bytes": plan.total_bytes, "measured_from": "plan"}
 
 
-def _evaluate_streamed(evaluation: Evaluation, model, reader, device, label: str, size: dict, cache_key, progress: bool) -> ModelResult:
-    """Evaluate a skeleton's model streamed from its checkpoint, one decoder layer at a time."""
+def _evaluate_streamed(evaluation: Evaluation, model, reader, device, label: str, size: dict, cache_key, progress: bool,
+                       tasks_model=None) -> ModelResult:
+    """Evaluate a skeleton's model streamed from its checkpoint, one decoder layer at a time (lm-eval tasks on
+    ``tasks_model()``)."""
     from .stream import logits_layer_by_layer, materialize_outside, release, source_layer
 
     stack, layers = decoder_layers(model)
@@ -403,9 +410,47 @@ def _evaluate_streamed(evaluation: Evaluation, model, reader, device, label: str
     try:
         return evaluation.run(model, label, size, reference=True, cache_key=cache_key, device=device, logits_of=lambda xs: logits_layer_by_layer(
             model, stack, len(layers), xs, lambda i: source_layer(model, stack, i, reader, device), device,
-            "evaluating the baseline" if progress else None))
+            "evaluating the baseline" if progress else None), tasks_model=tasks_model)
     finally:
         release(model, outside)
+
+
+@contextmanager
+def _whole_for_tasks(src, label: str, nbytes: int, dtype: str, device: torch.device, recipe: Recipe, log, quantized: bool = False):
+    """A streamed run's model loaded whole for lm-eval tasks. A float model whose weights take more than the memory
+    it may use on ``device`` (``eval.tasks_max_memory``, or 80% of what is free there) gets the rest offloaded by
+    accelerate (``device_map="auto"``: to CPU memory, then disk), with a note of the slowdown. A quantized model
+    is loaded whole onto the device (its bitsandbytes layers are not offloaded)."""
+    budget = parse_size(recipe.eval.tasks_max_memory) if recipe.eval.tasks_max_memory else int(0.8 * _free_memory(device))
+    offload, kw = None, {}
+    if not quantized and nbytes > budget:
+        out = Path(recipe.output.dir).absolute()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        offload = Path(tempfile.mkdtemp(prefix=f".{out.name}.llmquant-offload-", dir=out.parent))
+        cuda = device.type == "cuda"
+        kw = {"max_memory": {device.index or 0: budget, "cpu": int(0.8 * _free_memory(torch.device("cpu")))} if cuda
+              else {"cpu": budget}, "offload_folder": offload}
+        log(f"lm-eval tasks: the {label} ({human_bytes(nbytes)}) does not fit in the {human_bytes(budget)} it may use on "
+            f"{device}; accelerate keeps the rest {'in CPU memory, then ' if cuda else ''}on disk and reads it again at "
+            f"every forward pass: expect the tasks to run several times slower (eval.tasks_max_memory sets the limit)")
+    try:
+        model, _ = load_model(src, dtype, str(device), recipe.model.trust_remote_code, allow_quantized=quantized, **kw)
+        try:
+            yield model
+        finally:
+            del model
+            give_memory_back()
+    finally:
+        if offload is not None:
+            shutil.rmtree(offload, ignore_errors=True)
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def _push(recipe: Recipe, out: Path, console, log) -> None:

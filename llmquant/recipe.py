@@ -291,6 +291,10 @@ class EvalSpec(StrictModel):
     task_limit: int | None = Field(None, ge=1)
     task_batch_size: int = Field(8, ge=1)
     num_fewshot: int = Field(0, ge=0)
+    # When the model is streamed (never whole in memory), lm-eval tasks load it whole: a float
+    # baseline that does not fit in this much of the device's memory ("40GB", "500MB"; default:
+    # what is free there) has the rest offloaded by accelerate, to CPU memory, then disk.
+    tasks_max_memory: str | int | None = None
     # Evaluate the unquantized model too (needed for deltas and divergence).
     baseline: bool = True
 
@@ -299,6 +303,13 @@ class EvalSpec(StrictModel):
     def _batch(cls, v):
         if v != "auto" and v < 1:
             raise ValueError("must be a positive number of windows or auto")
+        return v
+
+    @field_validator("tasks_max_memory")
+    @classmethod
+    def _memory(cls, v):
+        if v is not None and parse_size(v) <= 0:
+            raise ValueError("must be positive")
         return v
 
     @model_validator(mode="after")

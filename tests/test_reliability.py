@@ -55,6 +55,7 @@ BAD_RECIPES = [
     ("overwrite-foreign", "model: {source: M}\noutput: {dir: mine, overwrite: true}\n", "was not written by llmquant"),
     ("eval-text-missing", "model: {source: M}\noutput: {dir: out}\neval: {text: {source: missing.txt}}\n", "is not a file, an asset or a dataset"),
     ("eval-unknown-task", "model: {source: M}\noutput: {dir: out}\neval: {text: {source: notes.txt}, tasks: [botchan_clozee]}\n", "unknown lm-eval task 'botchan_clozee'"),
+    ("tasks-memory", "model: {source: M}\noutput: {dir: out}\neval: {text: {source: notes.txt}, tasks_max_memory: lots}\n", "'lots' is not a size"),
     ("calib-range", "model: {source: M}\noutput: {dir: out}\nquantization: {method: gptq}\ncalibration: {text: {source: notes.txt, range: [0.7, 0.2]}}\n", "not a range of fractions"),
     ("stride-without-sliding", "model: {source: M}\noutput: {dir: out}\neval: {text: {source: notes.txt}, stride: 8}\n", "stride goes with protocol: sliding"),
     ("hub-repo", "model: {source: M}\noutput: {dir: out}\nhub: {repo: no-slash}\n", "'no-slash' is not a Hub repository id"),

@@ -213,3 +213,35 @@ def test_streamed_evaluation_measures_what_the_whole_model_measures(tiny_dirs, t
     assert a["quantized"]["kl_divergence"]["mean"] == pytest.approx(b["quantized"]["kl_divergence"]["mean"], rel=1e-2, abs=1e-6)
     assert a["quantized"]["top1_agreement"] == pytest.approx(b["quantized"]["top1_agreement"], abs=0.02)
     assert a["quantized"]["perplexity"] != a["baseline"]["perplexity"]
+
+
+def test_tasks_of_a_streamed_run_load_each_model_whole_and_offload_a_baseline_that_does_not_fit(tiny_dirs, tmp_path, monkeypatch, calib_file,
+                                                                                                capsys):
+    """lm-eval tasks do not stop a run from streaming: each model is loaded whole for its tasks, the float baseline
+    offloaded to disk by accelerate when it does not fit in eval.tasks_max_memory, and the scores are the in-memory
+    run's."""
+    from llmquant.evaluate import Evaluation
+
+    monkeypatch.setattr(Evaluation, "cache_key", lambda self, *a: None)  # both runs evaluate their baseline
+    ev = {"text": {"source": str(calib_file)}, "seqlen": 32, "max_tokens": 100,
+          "tasks": ["botchan_cloze"], "task_limit": 4, "task_batch_size": 2, "tasks_max_memory": "10KB"}
+
+    def recipe(out):
+        return Recipe.from_dict({**make_recipe(tiny_dirs("llama"), out, "rtn-mixed", calib_file).to_dict(), "eval": ev})
+
+    capsys.readouterr()
+    streamed = quiet(recipe(tmp_path / "streamed"))
+    assert streamed.streamed
+    log = " ".join(capsys.readouterr().err.split())  # progress notes go to stderr, wrapped to the terminal
+    assert "lm-eval tasks: the baseline" in log and "does not fit in the 10.0 KB it may use on cpu" in log
+    assert "the quantized model" not in log  # loaded whole: offloading would not keep its layers as exported
+    assert not list(tmp_path.glob(".streamed.llmquant-offload-*"))  # the offload folder is removed
+    with monkeypatch.context() as m:
+        whole(m)
+        in_memory = quiet(recipe(tmp_path / "whole"))
+    assert not in_memory.streamed
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["models"] for d in ("streamed", "whole"))
+    for name in ("baseline", "quantized"):
+        assert set(a[name]["tasks"]) == {"botchan_cloze"}
+        for task, scores in a[name]["tasks"].items():
+            assert scores["acc"] == b[name]["tasks"][task]["acc"] and scores["samples"] == 4, (name, task)

@@ -9,6 +9,8 @@ protocol setting), so sweeping recipes over one model evaluates its baseline onc
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -162,12 +164,12 @@ class Evaluation:
     # ---- one model ------------------------------------------------------------------------
 
     def run(self, model: nn.Module, label: str, size: dict, reference: bool = False, cache_key: str | None = None,
-            logits_of=None, device: torch.device | None = None) -> ModelResult:
+            logits_of=None, device: torch.device | None = None, tasks_model=None) -> ModelResult:
         """Evaluate ``model``; ``reference=True`` for the baseline (others are compared with it).
 
         ``logits_of`` (see :func:`~llmquant.evaluate.perplexity.evaluate`) computes perplexity and divergence for a
-        model that is never whole in memory (``model`` is then its skeleton, ``device`` where it computes); such a
-        model has no lm-eval tasks.
+        model that is never whole in memory (``model`` is then its skeleton, ``device`` where it computes); its
+        lm-eval tasks run on ``tasks_model()``, a context manager that has the model whole while they run.
         """
         device = device or next(p.device for p in model.parameters() if p.device.type != "meta")
         s = self.spec
@@ -190,8 +192,10 @@ class Evaluation:
             )
             seconds = {"perplexity": time.perf_counter() - t0}
             t0 = time.perf_counter()
-            tasks = run_tasks(model, self.tokenizer, s.tasks, s.task_limit, s.task_batch_size, s.num_fewshot) if logits_of is None else {}
-            if s.tasks and logits_of is None:
+            tasks = {}
+            if s.tasks and (logits_of is None or tasks_model is not None):
+                with (contextlib.nullcontext(model) if logits_of is None else tasks_model()) as whole:
+                    tasks = run_tasks(whole, self.tokenizer, s.tasks, s.task_limit, s.task_batch_size, s.num_fewshot, device)
                 seconds["tasks"] = time.perf_counter() - t0
         except BaseException:
             if work is not None:

@@ -50,15 +50,20 @@ def check_tasks(tasks: list[str]):
     return manager
 
 
-def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8, num_fewshot: int = 0) -> dict:
-    """``{task: {"acc": ..., "acc_stderr": ..., ...}}`` for each task (lm-eval's metric names)."""
+def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8, num_fewshot: int = 0,
+              device=None) -> dict:
+    """``{task: {"acc": ..., "acc_stderr": ..., ...}}`` for each task (lm-eval's metric names). ``device``: where a
+    model offloaded by accelerate computes (its parameters then report the meta device)."""
     if not tasks:
         return {}
+    import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     manager = check_tasks(tasks)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if lm.device.type == "meta":  # lm-eval takes the model's device for its inputs and autocast; accelerate's hooks
+        lm._device = torch.device(device or "cpu")  # move the inputs on from there
     try:
         with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints progress notes; keep stdout for results
             out = simple_evaluate(
