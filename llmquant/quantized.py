@@ -14,6 +14,7 @@ Layout (bitsandbytes' contract):
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -42,6 +43,10 @@ def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
     flat = codes.reshape(-1).to(torch.uint8)
     if flat.numel() % 2:
         flat = torch.cat([flat, flat.new_zeros(1)])
+    if sys.byteorder == "little" and flat.is_contiguous() and flat.storage_offset() % 2 == 0:
+        # two codes per 16-bit word (first in the low byte): one pass over half as many elements
+        pairs = flat.view(torch.int16)
+        return (((pairs << 4) & 0xF0) | (pairs >> 8)).to(torch.uint8).unsqueeze(1)
     return ((flat[0::2] << 4) | flat[1::2]).unsqueeze(1)
 
 

@@ -435,7 +435,7 @@ class StreamedQuantizer:
                 qw = quantize_layer(self.model.get_submodule(name), e, self.plan.model_dtype)
                 install(self.model, e, qw, self.plan.model_dtype)
                 self._chosen[name] = qw
-                give_memory_back()  # the quantizer's temporaries, before the next Linear's
+        give_memory_back()  # the quantizer's temporaries, before the next layer's
 
     def _materialize_outside(self, layers, unchanged: dict | None = None) -> list[str]:
         return materialize_outside(self.model, layers, self.reader, self.device, unchanged)

@@ -44,6 +44,56 @@ def test_rtn_4bit_is_bitsandbytes_quantize_4bit(scheme, dtype):
     assert torch.equal(F.dequantize_4bit(pack_4bit(qw.codes), quant_state(qw)), theirs)
 
 
+def _ties(quant_type, dtype):
+    """Blocks of absmax 1 whose weights sit exactly on every codebook midpoint and one float either side."""
+    from llmquant.algorithms.rtn import _sorted_bounds
+
+    mids = torch.tensor(_sorted_bounds(quant_type)[0])
+    edges = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0))])
+    block = torch.cat([torch.tensor([1.0]), edges, torch.zeros(63 - edges.numel())])
+    return torch.cat([block, -block, _weight(8, 128).view(-1)]).view(-1, 128).to(dtype)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_fast_cpu_codes_are_bitsandbytes_codes_at_ties(quant_type, dtype):
+    """The comparison-count lookup picks bitsandbytes' code for weights on, just above and just below each midpoint."""
+    from llmquant.algorithms.rtn import blockwise_codes
+
+    for w in (_ties(quant_type, dtype), _weight(96, 512, seed=1).to(dtype)):
+        for g in (64, 128) if w.shape[1] % 128 == 0 else (64,):
+            packed, qs = F.quantize_4bit(w, blocksize=g, quant_type=quant_type)
+            codes, absmax = blockwise_codes(w, quant_type, g)
+            assert torch.equal(codes, unpack_4bit(packed, tuple(w.shape)))
+            assert torch.equal(absmax, qs.absmax.float())
+
+
+def test_fast_cpu_codes_step_aside_when_they_would_differ(monkeypatch):
+    """A bitsandbytes that rounded ties the other way (simulated: midpoints one float higher) fails the probe, and
+    RTN then uses bitsandbytes' own kernel; a weight with an infinite value is left to bitsandbytes too."""
+    from llmquant.algorithms import rtn
+
+    scheme = FourBit(format="nf4", group_size=64)
+    mids, remap = rtn._sorted_bounds("nf4")
+    shifted = tuple(torch.nextafter(torch.tensor(mids), torch.tensor(2.0)).tolist())
+    rtn.matches_bitsandbytes_on_cpu.cache_clear()
+    monkeypatch.setattr(rtn, "_sorted_bounds", lambda quant_type: (shifted, remap))
+    try:
+        assert not rtn.matches_bitsandbytes_on_cpu("nf4")
+        w = _ties("nf4", torch.float32)
+        assert not torch.equal(rtn.blockwise_codes(w, "nf4", 64)[0], rtn._bitsandbytes_codes(w, scheme)[0])
+        assert torch.equal(rtn.rtn_4bit(w, scheme, torch.float32).codes, rtn._bitsandbytes_codes(w, scheme)[0])
+    finally:
+        rtn.matches_bitsandbytes_on_cpu.cache_clear()
+    monkeypatch.undo()
+    assert rtn.matches_bitsandbytes_on_cpu("nf4")
+    w = _weight()
+    w[5, 7] = float("inf")
+    assert rtn.blockwise_codes(w, "nf4", 64) is None
+    packed, _ = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert torch.equal(pack_4bit(rtn.rtn_4bit(w, scheme, torch.float32).codes), packed)
+
+
 def test_double_quantize_matches_bitsandbytes_nested_state():
     w = _weight()
     _, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")

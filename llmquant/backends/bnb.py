@@ -126,9 +126,11 @@ def build_module(qw: QuantizedWeight, bias: torch.Tensor | None, compute_dtype: 
                 in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype,
                 compress_statistics=qw.nested is not None, quant_type=qw.quant_type, quant_storage=torch.uint8,
             )
-        stats = {k.removeprefix("weight."): v.to(device) for k, v in checkpoint_tensors(qw, "").items() if k != "weight"}
+        tensors = checkpoint_tensors(qw, "")
+        data = tensors.pop("weight")
+        stats = {k.removeprefix("weight."): v.to(device) for k, v in tensors.items()}
         m.weight = bnb.nn.Params4bit.from_prequantized(
-            data=pack_4bit(qw.codes).to(device), quantized_stats=stats, requires_grad=False, device=device, module=m
+            data=data.to(device), quantized_stats=stats, requires_grad=False, device=device, module=m
         )
         remember_scales(m)
     elif isinstance(qw, Int8Weight):
