@@ -105,6 +105,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
 
         t = time.perf_counter()
         problem = auto.prepare(recipe, frame, dtype)  # a budget that cannot be met fails here, before loading
+        _check_fits_for_auto(plan.float_bytes, dtype, recipe.device)
         recipe, auto_report = _choose_formats(recipe, problem, src, calib_text, log, progress)
         timings["auto"] = time.perf_counter() - t
         plan = build_plan(frame, recipe.quantization, dtype)
@@ -187,6 +188,20 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
     print_summary(result, console)
     _push(recipe, out, console, log)
     return result
+
+
+def _check_fits_for_auto(nbytes: int, dtype: torch.dtype, device_name: str) -> None:
+    """``quantization.auto`` measures sensitivity with gradients through the whole float model, loaded whole (not
+    streamed): refuse before loading a model whose weights alone exceed the free memory where it would go."""
+    device = pick_device(device_name)
+    if device.type == "cuda" and device_name == "auto" and torch.cuda.device_count() > 1:  # spread over the GPUs
+        free, where = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())), "the GPUs"
+    else:
+        free, where = _free_memory(device), str(device)
+    if nbytes > free:
+        raise UserError(f"quantization.auto loads the float model whole to measure each layer's sensitivity "
+                        f"({human_bytes(nbytes)} in {_dtype_name(dtype)}), more than the {human_bytes(free)} free on {where}: "
+                        "choose the formats with quantization.rules, or run the search on a machine with more memory")
 
 
 def _choose_formats(recipe: Recipe, problem, src, calib_text, log, progress: bool):

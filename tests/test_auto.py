@@ -205,6 +205,29 @@ def test_bad_auto_settings_are_one_line(tiny_dirs, tmp_path, text, capsys, auto,
     assert not (tmp_path / "out").exists()
 
 
+def test_auto_refuses_a_model_larger_than_free_memory_before_loading_it(tiny_dirs, tmp_path, text, capsys, monkeypatch):
+    """The sensitivity pass loads the float model whole: with less free memory than its weights, one line, no load."""
+    import yaml
+
+    import llmquant.pipeline as pipeline
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "_free_memory", lambda device: 10_000)
+    monkeypatch.setattr(pipeline, "load_model", no_load)
+    d = {"model": {"source": str(tiny_dirs("llama"))}, "device": "cpu", "output": {"dir": str(tmp_path / "out")},
+         "quantization": {"auto": {"bits_per_weight": 4.5}},
+         "calibration": {"text": {"source": str(text)}, "nsamples": 4, "seqlen": 32}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(d))
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "quantization.auto loads the float model whole" in err[0] and "10.0 KB free on cpu" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_shows_the_allocation_and_writes_nothing(tiny_dirs, tmp_path, text):
     buf = io.StringIO()
     res = run(auto_recipe(tiny_dirs("llama"), tmp_path / "out", text, {"bits_per_weight": 5.0}), dry_run=True,
