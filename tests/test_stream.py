@@ -188,6 +188,17 @@ def test_a_checkpoint_larger_than_the_memory_used_still_quantizes(tmp_path):
     assert rss < 0.65 * ckpt, (rss, ckpt)  # the whole model in memory would take more than the checkpoint alone
 
 
+def streamed_and_in_memory_results(recipe, tmp_path, monkeypatch, after_streamed=lambda: None) -> tuple[dict, dict]:
+    """``recipe(out)`` run streamed into ``streamed/``, then with the model loaded whole into ``whole/``: the models
+    of each run's results.json."""
+    assert quiet(recipe(tmp_path / "streamed")).streamed
+    after_streamed()
+    with monkeypatch.context() as m:
+        whole(m)
+        assert not quiet(recipe(tmp_path / "whole")).streamed
+    return tuple(json.loads((tmp_path / d / "results.json").read_text())["models"] for d in ("streamed", "whole"))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_streamed_evaluation_measures_what_the_whole_model_measures(tiny_dirs, tmp_path, monkeypatch, calib_file, arch):
     """Perplexity and divergence of a streamed run (baseline from the checkpoint, quantized model from the checked
@@ -198,13 +209,7 @@ def test_streamed_evaluation_measures_what_the_whole_model_measures(tiny_dirs, t
         r = make_recipe(tiny_dirs(arch), out, "rtn-mixed", calib_file).to_dict()
         return Recipe.from_dict({**r, "eval": ev})
 
-    streamed = quiet(recipe(tmp_path / "streamed"))
-    assert streamed.streamed
-    with monkeypatch.context() as m:
-        whole(m)
-        in_memory = quiet(recipe(tmp_path / "whole"))
-    assert not in_memory.streamed
-    a, b = (json.loads((tmp_path / d / "results.json").read_text())["models"] for d in ("streamed", "whole"))
+    a, b = streamed_and_in_memory_results(recipe, tmp_path, monkeypatch)
     for name in ("baseline", "quantized"):
         pa, pb = a[name], b[name]
         assert pa["perplexity"] == pytest.approx(pb["perplexity"], rel=1e-4), name
@@ -229,18 +234,14 @@ def test_tasks_of_a_streamed_run_load_each_model_whole_and_offload_a_baseline_th
     def recipe(out):
         return Recipe.from_dict({**make_recipe(tiny_dirs("llama"), out, "rtn-mixed", calib_file).to_dict(), "eval": ev})
 
+    def after_streamed():
+        log = " ".join(capsys.readouterr().err.split())  # progress notes go to stderr, wrapped to the terminal
+        assert "lm-eval tasks: the baseline" in log and "does not fit in the 10.0 KB it may use on cpu" in log
+        assert "the quantized model" not in log  # loaded whole: offloading would not keep its layers as exported
+        assert not list(tmp_path.glob(".streamed.llmquant-offload-*"))  # the offload folder is removed
+
     capsys.readouterr()
-    streamed = quiet(recipe(tmp_path / "streamed"))
-    assert streamed.streamed
-    log = " ".join(capsys.readouterr().err.split())  # progress notes go to stderr, wrapped to the terminal
-    assert "lm-eval tasks: the baseline" in log and "does not fit in the 10.0 KB it may use on cpu" in log
-    assert "the quantized model" not in log  # loaded whole: offloading would not keep its layers as exported
-    assert not list(tmp_path.glob(".streamed.llmquant-offload-*"))  # the offload folder is removed
-    with monkeypatch.context() as m:
-        whole(m)
-        in_memory = quiet(recipe(tmp_path / "whole"))
-    assert not in_memory.streamed
-    a, b = (json.loads((tmp_path / d / "results.json").read_text())["models"] for d in ("streamed", "whole"))
+    a, b = streamed_and_in_memory_results(recipe, tmp_path, monkeypatch, after_streamed)
     for name in ("baseline", "quantized"):
         assert set(a[name]["tasks"]) == {"botchan_cloze"}
         for task, scores in a[name]["tasks"].items():
