@@ -194,10 +194,8 @@ def _check_fits_for_auto(nbytes: int, dtype: torch.dtype, device_name: str) -> N
     """``quantization.auto`` measures sensitivity with gradients through the whole float model, loaded whole (not
     streamed): refuse before loading a model whose weights alone exceed the free memory where it would go."""
     device = pick_device(device_name)
-    if device.type == "cuda" and device_name == "auto" and torch.cuda.device_count() > 1:  # spread over the GPUs
-        free, where = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())), "the GPUs"
-    else:
-        free, where = _free_memory(device), str(device)
+    spread = device.type == "cuda" and device_name == "auto" and torch.cuda.device_count() > 1  # over all GPUs
+    free, where = _free_memory(device, spread), "the GPUs" if spread else str(device)
     if nbytes > free:
         raise UserError(f"quantization.auto loads the float model whole to measure each layer's sensitivity "
                         f"({human_bytes(nbytes)} in {_dtype_name(dtype)}), more than the {human_bytes(free)} free on {where}: "
@@ -460,9 +458,11 @@ def _whole_for_tasks(src, label: str, nbytes: int, dtype: str, device: torch.dev
             shutil.rmtree(offload, ignore_errors=True)
 
 
-def _free_memory(device: torch.device) -> int:
+def _free_memory(device: torch.device, all_gpus: bool = False) -> int:
+    """Bytes free on ``device`` (with ``all_gpus``: summed over every visible GPU)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        gpus = range(torch.cuda.device_count()) if all_gpus else [device]
+        return sum(torch.cuda.mem_get_info(g)[0] for g in gpus)
     import psutil
 
     return psutil.virtual_memory().available

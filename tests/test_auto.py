@@ -214,7 +214,7 @@ def test_auto_refuses_a_model_larger_than_free_memory_before_loading_it(tiny_dir
     def no_load(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(pipeline, "_free_memory", lambda device: 10_000)
+    monkeypatch.setattr(pipeline, "_free_memory", lambda device, all_gpus=False: 10_000)
     monkeypatch.setattr(pipeline, "load_model", no_load)
     d = {"model": {"source": str(tiny_dirs("llama"))}, "device": "cpu", "output": {"dir": str(tmp_path / "out")},
          "quantization": {"auto": {"bits_per_weight": 4.5}},

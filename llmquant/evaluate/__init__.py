@@ -10,7 +10,6 @@ protocol setting), so sweeping recipes over one model evaluates its baseline onc
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 import os
