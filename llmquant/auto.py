@@ -97,51 +97,81 @@ class _Stats:
             self.sample.append(x[: INT8_SAMPLE_TOKENS - have].clone())
 
 
+class _Recorder:
+    """What the sensitivity pass gathers, through hooks on the Linear layers: each input's statistics (forward
+    pre-hooks) and the squared gradients of each output channel, summed over tokens (forward hooks that hook the
+    output's gradient)."""
+
+    def __init__(self):
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, _Stats] = {}
+        # input tensor of this forward -> its statistics; the tensor is held until the forward ends, so that its memory
+        # cannot come back (same address, same shape) as another layer's input and be taken for the same tensor
+        self.seen: dict[tuple, tuple[_Stats, torch.Tensor]] = {}
+
+    def attach(self, model: nn.Module, names: list[str], inputs: bool = True, grads: bool = True) -> list:
+        handles = []
+        for name in names:
+            m = model.get_submodule(name)
+            if inputs:
+                handles.append(m.register_forward_pre_hook(self._pre(name)))
+            if grads:
+                handles.append(m.register_forward_hook(self._post(name)))
+        return handles
+
+    def _pre(self, name: str):
+        def pre(module, args):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            if key not in self.seen:  # layers reading the very same tensor (q/k/v, gate/up) share statistics
+                self.seen[key] = (self.stats.get(name) or _Stats(), x)
+                self.seen[key][0].add(x.detach())
+            self.stats[name] = self.seen[key][0]
+
+        return pre
+
+    def _post(self, name: str):
+        def grad(g):
+            g2 = g.detach().reshape(-1, g.shape[-1]).float().square().sum(0)
+            self.fisher[name] = g2 if name not in self.fisher else self.fisher[name].add_(g2)
+
+        def post(module, args, out):
+            if out.requires_grad:
+                out.register_hook(grad)
+
+        return post
+
+    def result(self, entries: list[PlanEntry], tokens: int):
+        missing = [e.name for e in entries if e.name not in self.fisher or e.name not in self.stats]
+        if missing:
+            raise UserError(f"quantization.auto: no gradient reached {missing[0]} on the calibration windows; pin it with a rule")
+        return {n: f / tokens for n, f in self.fisher.items()}, self.stats
+
+
+def _draw_labels(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Tokens drawn from the model's own next-token distribution: their loss's gradients estimate the Fisher
+    information of the output."""
+    with torch.no_grad():
+        return torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=gen).squeeze(1).to(logits.device)
+
+
 def measure(model: nn.Module, entries: list[PlanEntry], windows: torch.Tensor, seed: int, progress: bool = True):
     """Per layer: Fisher weights of its output channels ``F`` and its input statistics (see the module docstring)."""
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     was = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    fisher: dict[str, torch.Tensor] = {}
-    stats: dict[str, _Stats] = {}
-    # input tensor of this forward -> its statistics; the tensor is held until the forward ends, so that its memory
-    # cannot come back (same address, same shape) as another layer's input and be taken for the same tensor
-    seen: dict[tuple, tuple[_Stats, torch.Tensor]] = {}
-    handles = []
-
-    def hooks(name: str):
-        def pre(module, args):
-            x = args[0]
-            key = (x.data_ptr(), tuple(x.shape), x.stride())
-            if key not in seen:  # layers reading the very same tensor (q/k/v, gate/up) share statistics
-                seen[key] = (stats.get(name) or _Stats(), x)
-                seen[key][0].add(x.detach())
-            stats[name] = seen[key][0]
-
-        def post(module, args, out):
-            def grad(g):
-                g2 = g.detach().reshape(-1, g.shape[-1]).float().square().sum(0)
-                fisher[name] = g2 if name not in fisher else fisher[name].add_(g2)
-            if out.requires_grad:
-                out.register_hook(grad)
-
-        return pre, post
-
-    for e in entries:
-        m = model.get_submodule(e.name)
-        pre, post = hooks(e.name)
-        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    rec = _Recorder()
+    handles = rec.attach(model, [e.name for e in entries])
     emb = model.get_input_embeddings()
     handles.append(emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     tokens = 0
     try:
         for w in tqdm(windows, desc="sensitivity", unit="window", disable=not progress):
-            seen.clear()
+            rec.seen.clear()
             logits = model(w.unsqueeze(0).to(device), use_cache=False).logits[0].float()
-            with torch.no_grad():  # tokens drawn from the model itself: gradients of the output's Fisher information
-                labels = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=gen).squeeze(1).to(device)
+            labels = _draw_labels(logits, gen)
             torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
             tokens += len(labels)
     finally:
@@ -149,10 +179,110 @@ def measure(model: nn.Module, entries: list[PlanEntry], windows: torch.Tensor, s
             h.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(was[n])
-    missing = [e.name for e in entries if e.name not in fisher or e.name not in stats]
-    if missing:
-        raise UserError(f"quantization.auto: no gradient reached {missing[0]} on the calibration windows; pin it with a rule")
-    return {n: f / tokens for n, f in fisher.items()}, stats
+    return rec.result(entries, tokens)
+
+
+def sensitivity_streamed(model: nn.Module, entries: list[PlanEntry], menus: dict[str, list], windows: torch.Tensor, seed: int,
+                         method: str, options: dict, dtype: torch.dtype, reader, device, scratch, progress: bool = True,
+                         record: dict | None = None):
+    """:func:`measure` then :func:`score` on a skeleton whose decoder layers are read from the checkpoint one at a time.
+
+    Forward: all windows through the embeddings, then through layer 0, layer 1, ... (each layer's inputs saved in
+    ``scratch``, a folder); the final norm and head give each window's logits, the tokens are drawn and the loss's
+    gradient with respect to the last hidden state is kept. Backward: layer by layer from the last, each layer read
+    again and run again on its saved inputs with gradients (its Linear inputs measured on the way), the kept gradient
+    sent back through it (its output channels' squared gradients measured on the way), which gives the gradient for
+    the layer before; the layer's formats are scored then, and its statistics dropped. The same windows, draws and
+    sums in the same order as :func:`measure`: the same numbers up to the order autograd adds a layer's input
+    gradients in. Memory: one layer and its statistics, and the hidden states and gradients of all windows at one
+    layer (on the CPU); every layer's inputs go to ``scratch`` on disk. ``record`` (when given) gets the Fisher
+    weights and statistics of every layer (for tests: they are dropped otherwise)."""
+    from pathlib import Path
+
+    from .calibrate import _first, _to, decoder_layers, first_layer_input
+    from .memory import give_memory_back
+    from .stream import _logits_after_layers, materialize_outside, release, source_layer
+
+    stack, layers = decoder_layers(model)
+    n = len(layers)
+    names = [e.name for e in entries]
+    inside = [[e for e in entries if e.name.startswith(f"{stack}.{i}.")] for i in range(n)]
+    outside = [e for e in entries if not any(e in group for group in inside)]
+    rec, scratch = _Recorder(), Path(scratch)
+    scores: dict[str, dict[str, float]] = {}
+    ratios: dict[str, float] = {}
+    tokens = 0
+
+    def score_now(group: list[PlanEntry]) -> None:  # with the group's weights in place
+        fisher, stats = rec.result(group, tokens)
+        s, r = score(model, group, menus, fisher, stats, method, options, dtype, progress=False)
+        scores.update(s)
+        ratios.update(r)
+        if record is not None:
+            record.setdefault("fisher", {}).update(fisher)
+            record.setdefault("stats", {}).update({e.name: stats[e.name] for e in group})
+        for e in group:
+            del rec.fisher[e.name], rec.stats[e.name]
+        give_memory_back()  # the scoring's temporaries, before the next layer's
+
+    hidden, calls = [], []
+    outer = materialize_outside(model, layers, reader, device)
+    try:
+        for w in windows:
+            x, call = first_layer_input(model, layers[0], w.unsqueeze(0).to(device))
+            hidden.append(x.cpu())
+            calls.append(_to(call, "cpu"))
+    finally:
+        release(model, outer)
+    bar = tqdm(total=2 * n + 1, desc="sensitivity", unit="pass", disable=not progress)
+    for i in range(n):  # forward
+        torch.save(hidden, scratch / f"inputs-{i:05d}.pt")
+        with source_layer(model, stack, i, reader, device) as layer, torch.no_grad():
+            for b, (x, (args, kwargs)) in enumerate(zip(hidden, calls)):
+                hidden[b] = _first(layer(x.to(device), *_to(args, device), **_to(kwargs, device))).cpu()
+        bar.update(1)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    outer = materialize_outside(model, layers, reader, device)
+    handles = rec.attach(model, [e.name for e in outside])
+    try:
+        for b, w in enumerate(windows):  # the head: tokens drawn, and the loss's gradient at the last hidden state
+            rec.seen.clear()
+            x = hidden[b].to(device).requires_grad_(True)
+            logits = _logits_after_layers(model, layers, w.unsqueeze(0).to(device), x, stack, grad=True)[0]
+            labels = _draw_labels(logits, gen)
+            torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+            hidden[b] = x.grad.cpu()
+            tokens += len(labels)
+        for h in handles:
+            h.remove()
+        if outside:
+            score_now(outside)
+    finally:
+        for h in handles:
+            h.remove()
+        release(model, outer)
+    bar.update(1)
+    for i in reversed(range(n)):  # backward, and the layer's scores
+        inputs = torch.load(scratch / f"inputs-{i:05d}.pt")
+        with source_layer(model, stack, i, reader, device) as layer:
+            handles = rec.attach(model, [e.name for e in inside[i]])
+            try:
+                for b, (args, kwargs) in enumerate(calls):
+                    rec.seen.clear()
+                    x = inputs[b].to(device).requires_grad_(True)
+                    _first(layer(x, *_to(args, device), **_to(kwargs, device))).backward(hidden[b].to(device))
+                    hidden[b] = x.grad.cpu()
+            finally:
+                for h in handles:
+                    h.remove()
+            rec.seen.clear()
+            if inside[i]:
+                score_now(inside[i])
+        del inputs
+        (scratch / f"inputs-{i:05d}.pt").unlink()
+        bar.update(1)
+    bar.close()
+    return {x: scores[x] for x in names}, ratios
 
 
 def candidate_error(w: torch.Tensor, c, dtype: torch.dtype, st: _Stats, h: torch.Tensor, f: torch.Tensor,
@@ -448,8 +578,10 @@ def prepare(recipe, model: nn.Module, dtype: torch.dtype) -> Problem:
     return Problem(free, menus, candidates, costs, budget, fixed, n, per_weight, target)
 
 
-def resolve(recipe, problem: Problem, model: nn.Module, tokenizer, calib_text: str, progress: bool = True, log=print):
-    """The recipe with ``quantization.auto`` replaced by explicit rules, and the report of the search."""
+def resolve(recipe, problem: Problem, model: nn.Module, tokenizer, calib_text: str, progress: bool = True, log=print,
+            streamed: tuple | None = None):
+    """The recipe with ``quantization.auto`` replaced by explicit rules, and the report of the search. ``streamed``:
+    (checkpoint reader, device, scratch folder) when ``model`` is a skeleton whose layers are read one at a time."""
     from .calibrate import calibration_windows
     from .recipe import Rule
 
@@ -458,9 +590,16 @@ def resolve(recipe, problem: Problem, model: nn.Module, tokenizer, calib_text: s
     windows = calibration_windows(tokenizer, calib_text, min(auto.windows, c.nsamples), c.seqlen, c.seed)
     log(f"auto: measuring sensitivity on {len(windows)} windows of {c.seqlen} tokens, {len(p.free)} layers, "
         f"{len(p.candidates)} candidate formats (method {q.method})")
-    fisher, stats = measure(model, p.free, windows, c.seed, progress)
     options = {**c.gptq.model_dump(), **c.scale_search.model_dump()}
-    scores, ratios = score(model, p.free, p.menus, fisher, stats, q.method, options, model.dtype, progress)
+    if streamed is None:
+        fisher, stats = measure(model, p.free, windows, c.seed, progress)
+        scores, ratios = score(model, p.free, p.menus, fisher, stats, q.method, options, model.dtype, progress)
+    else:
+        assert auto.kl is None, "a kl target measures mixes of the whole model"
+        reader, device, scratch = streamed
+        scores, ratios = sensitivity_streamed(model, p.free, p.menus, windows, c.seed, q.method, options, model.dtype, reader,
+                                              device, scratch, progress)
+        stats = None
     values = [[scores[e.name][k.label()] for k in p.menus[e.name]] for e in p.free]
     span = sum(max(c) for c in p.costs)
     _, f_unit, best = allocate(p.costs, values, p.budget, span=span)  # every size: the frontier

@@ -99,14 +99,20 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
     dtype = resolve_dtype(m.dtype, src, config)
     frame = skeleton(config, dtype, m.trust_remote_code)
     plan = build_plan(frame, recipe.quantization, dtype)
-    auto_report = None
+    auto_report = reader = None
+    tried = False  # whether the checkpoint was opened to stream already
     if recipe.quantization.auto is not None:
         from . import auto
 
         t = time.perf_counter()
         problem = auto.prepare(recipe, frame, dtype)  # a budget that cannot be met fails here, before loading
-        _check_fits_for_auto(plan.float_bytes, dtype, recipe.device)
-        recipe, auto_report = _choose_formats(recipe, problem, src, calib_text, log, progress)
+        # the sensitivity pass streams the checkpoint layer by layer when it can; a kl target measures mixes of
+        # the whole model, loaded (as is a model that cannot stream)
+        if recipe.quantization.auto.kl is None:
+            reader, tried = _stream_reader(recipe, src, frame, log), True
+        if reader is None:
+            _check_fits_for_auto(plan.float_bytes, dtype, recipe.device)
+        recipe, auto_report = _choose_formats(recipe, problem, src, calib_text, log, progress, frame, reader, device, out)
         timings["auto"] = time.perf_counter() - t
         plan = build_plan(frame, recipe.quantization, dtype)
         if auto_report["loadable_by"] == "transformers" and not plan.stock_compatible(keep_in_fp32_modules(frame)):
@@ -122,7 +128,8 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
                           + " nats/token; the rules it chose:")
             console.print(yaml_rules(recipe), markup=False, highlight=False)
         return RunResult(recipe, plan, timings=timings, auto=auto_report)
-    reader = _stream_reader(recipe, src, frame, log)
+    if not tried:
+        reader = _stream_reader(recipe, src, frame, log)
     if distributed.active() and (reader is None or not needs_calibration(plan)):
         raise UserError("a run over several processes shares out calibration windows of a streamed model: "
                         + ("this recipe calibrates nothing" if reader is not None else "this one loads the whole model (see above)")
@@ -202,13 +209,25 @@ def _check_fits_for_auto(nbytes: int, dtype: torch.dtype, device_name: str) -> N
                         "choose the formats with quantization.rules, or run the search on a machine with more memory")
 
 
-def _choose_formats(recipe: Recipe, problem, src, calib_text, log, progress: bool):
-    """``quantization.auto`` resolved into rules on the float model (loaded whole for the gradients)."""
+def _choose_formats(recipe: Recipe, problem, src, calib_text, log, progress: bool, frame=None, reader=None,
+                    device: torch.device | None = None, out: Path | None = None):
+    """``quantization.auto`` resolved into rules on the float model: streamed layer by layer from ``reader`` into the
+    skeleton ``frame`` (its layers' inputs kept on disk beside the output while it runs), or loaded whole."""
     from . import auto
 
     m = recipe.model
     if calib_text is None:  # a dry run
         calib_text = load_text(recipe.calibration.text, "calib")
+    if reader is not None:
+        import tempfile
+
+        log.print(f"streaming {src.describe()} layer by layer to choose the formats (quantization.auto) ...")
+        tokenizer = load_tokenizer(src, m.trust_remote_code)
+        parent = out.absolute().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.llmquant-auto-", dir=parent) as scratch:
+            return auto.resolve(recipe, problem, frame, tokenizer, calib_text.text, progress, log.print,
+                                streamed=(reader, device or pick_device(recipe.device), scratch))
     log.print(f"loading {src.describe()} to choose the formats (quantization.auto) ...")
     model, tokenizer = load_model(src, m.dtype, recipe.device, m.trust_remote_code, allow_pickle=m.allow_pickle)
     try:
@@ -305,7 +324,7 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
     tokenizer = load_tokenizer(src, m.trust_remote_code)
     device = device or pick_device(recipe.device)
     ids = probe_ids(tokenizer, model.config.get_text_config().vocab_size)
-    timings["load"] = time.perf_counter() - t_start
+    timings["load"] = time.perf_counter() - t_start - timings.get("auto", 0.0)
     t = time.perf_counter()
     key = WorkFolder.key(recipe.to_dict()["quantization"], recipe.to_dict().get("calibration"), fingerprint(src, model.config),
                          str(plan.model_dtype), device.type, [int(i) for i in ids[0]])

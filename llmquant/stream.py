@@ -572,8 +572,10 @@ class _Replay(nn.Module):
         return self.hidden
 
 
-def _logits_after_layers(model, layers: nn.ModuleList, ids: torch.Tensor, hidden: torch.Tensor, stack_name: str | None = None) -> torch.Tensor:
-    """The model's logits on ``ids`` given its last decoder layer's output (the rest of the forward as usual)."""
+def _logits_after_layers(model, layers: nn.ModuleList, ids: torch.Tensor, hidden: torch.Tensor, stack_name: str | None = None,
+                         grad: bool = False) -> torch.Tensor:
+    """The model's logits on ``ids`` given its last decoder layer's output (the rest of the forward as usual): float32 on
+    the CPU, or with ``grad`` where they were computed, with autograd recording (gradients reach ``hidden``)."""
     from .calibrate import decoder_layers
 
     stack_name = stack_name or decoder_layers(model)[0]
@@ -582,6 +584,8 @@ def _logits_after_layers(model, layers: nn.ModuleList, ids: torch.Tensor, hidden
     original = getattr(parent, attr)
     setattr(parent, attr, nn.ModuleList([_Replay(hidden, layers[0])]))
     try:
+        if grad:
+            return model(ids, use_cache=False).logits.float()
         with torch.no_grad():
             return model(ids, use_cache=False).logits.float().cpu()
     finally:

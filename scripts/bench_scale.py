@@ -9,6 +9,8 @@ sharded bfloat16 safetensors, then measures, each in its own subprocess under
 * stock bitsandbytes: ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit))``
   then ``save_pretrained``;
 * with ``--gptq``, ``llmquant run`` with GPTQ NF4 on calibration windows of the demo text;
+* with ``--auto N``, ``llmquant run`` with ``quantization.auto`` (4.5 bits per weight, RTN), its sensitivity pass
+  streamed over N windows of the demo text;
 * with ``--gptq --processes N``, the same GPTQ run over N processes (``torchrun``, data-parallel calibration; gloo on
   the CPU, nccl on GPUs), its export compared with the one-process export (4-bit codes that differ, largest scale
   difference) and its speedup.
@@ -91,6 +93,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--processes", type=int, default=1, help="with --gptq: also run it over this many processes")
+    ap.add_argument("--auto", type=int, default=0, metavar="N",
+                    help="also quantization.auto (bits_per_weight 4.5, rtn), sensitivity streamed over N windows of --seqlen tokens")
     ap.add_argument("--no-rtn", action="store_true")
     ap.add_argument("--no-stock", action="store_true")
     ap.add_argument("--workdir", help="keep the model and outputs here (default: a temporary folder)")
@@ -129,6 +133,13 @@ def main() -> None:
                          json.loads((root / "gptq-dist" / "llmquant.json").read_text())["timings_seconds"]))
             same = compare_exports(root / "gptq", root / "gptq-dist")
             notes.append(f"{a.processes} processes vs one: speedup {g['seconds'] / d['seconds']:.2f}x; {same}")
+
+    if a.auto:
+        search = (f"quantization: {{default: nf4, method: rtn, auto: {{bits_per_weight: 4.5, windows: {a.auto}}}}}\n"
+                  f"calibration: {{text: {{source: asset:botchan, range: [0.0, 0.6]}}, nsamples: {a.auto}, seqlen: {a.seqlen}}}\n")
+        x = measure([sys.executable, "-m", "llmquant", "run", str(recipe("auto", search)), "--quiet"])
+        rows.append((f"llmquant run, auto 4.5 bits per weight, rtn, sensitivity on {a.auto}x{a.seqlen} (streamed)", x,
+                     json.loads((root / "auto" / "llmquant.json").read_text())["timings_seconds"]))
 
     import torch
 

@@ -57,6 +57,22 @@ def test_gptq_on_layers_sharing_inputs_equals_gptq_of_each(scheme):
         assert type(q) is type(alone) and q.dequantize().shape == part.shape
 
 
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+def test_gptq_solved_a_chunk_of_rows_at_a_time_equals_all_rows_at_once(scheme, act_order, monkeypatch):
+    import llmquant.algorithms.gptq as gptq_module
+
+    w, h, _ = layer(out=200)
+    h[:, 7] = h[7, :] = 0.0  # an input that was always zero
+    whole = gptq_layers([w[:120], w[120:]], h, scheme, torch.float32, act_order=act_order, latent=True)
+    monkeypatch.setattr(gptq_module, "GPTQ_CHUNK_WEIGHTS", 48 * w.shape[1])  # chunks of 48 rows: 120 = 48 + 48 + 24
+    chunked = gptq_layers([w[:120], w[120:]], h, scheme, torch.float32, act_order=act_order, latent=True)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.latent, b.latent)
+        assert torch.equal(a.dequantize(), b.dequantize())
+    assert (whole[0].codes[:, 7] == whole[0].codes[0, 7]).all()  # the dead input's weights were zeroed
+
+
 @pytest.mark.parametrize("scheme", SCHEMES[:2], ids=lambda s: s.label())
 def test_scale_search_never_increases_its_objective(scheme):
     w, h, held = layer()

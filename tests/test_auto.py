@@ -5,6 +5,8 @@ import io
 import itertools
 import json
 import random
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,8 +207,46 @@ def test_bad_auto_settings_are_one_line(tiny_dirs, tmp_path, text, capsys, auto,
     assert not (tmp_path / "out").exists()
 
 
-def test_auto_refuses_a_model_larger_than_free_memory_before_loading_it(tiny_dirs, tmp_path, text, capsys, monkeypatch):
-    """The sensitivity pass loads the float model whole: with less free memory than its weights, one line, no load."""
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_streamed_sensitivity_equals_the_whole_model_pass(tiny_dirs, arch):
+    """The sensitivity pass one decoder layer at a time from the checkpoint (forward over all windows, then backward
+    layer by layer from the last) measures what the pass over the whole loaded model measures: the same input
+    statistics, the same Fisher weights (up to the order autograd adds a layer's input gradients in), the same scores.
+    GPT-2: Conv1D, a tied head; Qwen2: biases on q/k/v."""
+    from llmquant.auto import default_candidates, fits, measure, score, sensitivity_streamed
+    from llmquant.calibrate import calibration_windows
+    from llmquant.models import load_config, load_model, resolve_source
+    from llmquant.plan import build_plan
+    from llmquant.stream import CheckpointReader, skeleton
+
+    src = resolve_source(str(tiny_dirs(arch)))
+    model, tok = load_model(src, "float32", "cpu")
+    q = Recipe.from_dict({"model": {"source": "x"}, "output": {"dir": "x"}, "quantization": {"default": "nf4"}}).quantization
+    entries = build_plan(model, q, torch.float32).quantized_entries
+    windows = calibration_windows(tok, TEXT * 6, 4, 32, 0)
+    menus = {e.name: [c for c in default_candidates(torch.float32) if fits(c, e)] for e in entries}
+    fisher, stats = measure(model, entries, windows, 0, progress=False)
+    scores, _ = score(model, entries, menus, fisher, stats, "rtn", {}, torch.float32, progress=False)
+    frame = skeleton(load_config(src), torch.float32)
+    seen: dict = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        scores_s, _ = sensitivity_streamed(frame, entries, menus, windows, 0, "rtn", {}, torch.float32, CheckpointReader(tiny_dirs(arch)),
+                                           torch.device("cpu"), scratch, progress=False, record=seen)
+        assert not list(Path(scratch).iterdir())  # the saved inputs were removed as the backward went
+    assert all(p.device.type == "meta" for p in frame.parameters())  # every layer given back
+    assert sorted(seen["fisher"]) == sorted(fisher) == sorted(e.name for e in entries) == sorted(scores_s)
+    for e in entries:
+        assert torch.allclose(seen["fisher"][e.name], fisher[e.name], rtol=1e-4, atol=1e-12), e.name
+        st, st_s = stats[e.name], seen["stats"][e.name]
+        assert st_s.tokens == st.tokens and torch.equal(st_s.h, st.h) and torch.equal(torch.cat(st_s.sample), torch.cat(st.sample)), e.name
+        for k, v in scores[e.name].items():  # the same weights, read one layer at a time
+            assert scores_s[e.name][k] == pytest.approx(v, rel=1e-4, abs=1e-12), (e.name, k)
+
+
+def test_auto_streams_a_model_larger_than_free_memory_and_refuses_a_kl_target_before_loading_it(tiny_dirs, tmp_path, text, capsys,
+                                                                                              monkeypatch):
+    """With less free memory than the model's weights, a size budget is searched streamed (the model never loaded
+    whole); a kl target measures mixes of the whole model, so it is refused in one line before anything is loaded."""
     import yaml
 
     import llmquant.pipeline as pipeline
@@ -216,8 +256,11 @@ def test_auto_refuses_a_model_larger_than_free_memory_before_loading_it(tiny_dir
 
     monkeypatch.setattr(pipeline, "_free_memory", lambda device, all_gpus=False: 10_000)
     monkeypatch.setattr(pipeline, "load_model", no_load)
+    res = quiet(auto_recipe(tiny_dirs("llama"), tmp_path / "streamed", text, {"bits_per_weight": 4.5}))
+    assert res.check.passed and res.plan.linear_bits_per_weight() <= 4.5 and res.auto["target"] == "bits_per_weight 4.5"
+    assert not list(tmp_path.glob(".streamed.llmquant-auto-*"))  # the layers' saved inputs are gone
     d = {"model": {"source": str(tiny_dirs("llama"))}, "device": "cpu", "output": {"dir": str(tmp_path / "out")},
-         "quantization": {"auto": {"bits_per_weight": 4.5}},
+         "quantization": {"auto": {"kl": 0.05}},
          "calibration": {"text": {"source": str(text)}, "nsamples": 4, "seqlen": 32}}
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(d))

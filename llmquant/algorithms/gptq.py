@@ -21,8 +21,15 @@ import torch
 from ..quantized import FourBitWeight, Int8Weight, KeptWeight, QuantizedWeight, codebook
 from ..schemes import FourBit, Keep
 from . import Algorithm, register
-from .grid import nearest_code, quadratic_error, search_block_scales, search_row_scales
+from .grid import SEARCH_CHUNK_WEIGHTS, nearest_code, quadratic_error, search_block_scales, search_row_scales
 from .scale_search import LayerStats, stored_scales
+
+
+# Rows are solved a chunk at a time: GPTQ treats rows independently given the Hessian, so the weight-sized
+# temporaries (the float copy being compensated, its permuted copy, the compensation product) are those of a
+# chunk of about this many weights (64 MB in float32), whatever the layer's size. A multiple of the scale
+# search's chunk, so that its row chunks are the ones it would take over the whole weight.
+GPTQ_CHUNK_WEIGHTS = 4 * SEARCH_CHUNK_WEIGHTS
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: float = 0.01, act_order: bool = True,
@@ -34,33 +41,47 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: flo
     ``latent``: also keep, as ``.latent`` of the result, the values GPTQ rounded (each column as
     updated by the compensation so far; the codes are their nearest grid points), float32 ``[out, in]``.
     """
-    w = w.detach().float().clone()
+    return gptq_layers([w], h, scheme, dtype, damp=damp, act_order=act_order, grid=grid, min_ratio=min_ratio,
+                       scales=None if scales is None else [scales], latent=latent)[0]
+
+
+def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: torch.dtype, damp: float = 0.01,
+                act_order: bool = True, grid: int = 20, min_ratio: float = 0.5, scales: list[torch.Tensor] | None = None,
+                latent: bool = False) -> list[QuantizedWeight]:
+    """GPTQ of several layers reading the same input (same ``h``): the inverse Hessian is factored once and
+    every layer's rows are solved with it, a chunk of rows at a time. GPTQ treats rows independently given
+    ``h``, so this equals quantizing each layer alone; each layer's scales are chosen and stored per layer."""
     h = h.float()
-    out_f, n = w.shape
+    n = h.shape[0]
     dead = torch.diag(h) == 0
     if dead.any():  # inputs that were always zero: a copy of h with them made harmless
         h = h.clone()
         h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-
     fourbit = isinstance(scheme, FourBit)
     g = scheme.group_size if fourbit else n
     static = act_order or (fourbit and scheme.double_quant) or not fourbit or scales is not None
-    nested = None
-    if fourbit:
-        cb = codebook(scheme.format, w.device)
-        if scales is not None:
-            scales = scales.float().to(w.device)
-        elif static:
-            eff, nested = stored_scales(search_block_scales(w, h, g, scheme.format, grid, min_ratio), scheme)
-            scales = eff.view(out_f, -1)
-        else:
-            scales = torch.zeros(out_f, n // g, device=w.device)
-    else:
-        scales = search_row_scales(w, h).unsqueeze(1)  # one scale per row
+    rows = max(1, GPTQ_CHUNK_WEIGHTS // n)
+    cb = codebook(scheme.format, h.device) if fourbit else None
 
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n, device=w.device)
-    w, hp = w[:, perm], h[perm.unsqueeze(1), perm.unsqueeze(0)]
+    # each layer's scales as bitsandbytes will dequantize with ([out, in / group]; int8: [out, 1])
+    chosen = []
+    for k, w in enumerate(weights):
+        nested = None
+        parts = [_rows(w, r, rows, dead) for r in range(0, w.shape[0], rows)]
+        if not fourbit:
+            sc = torch.cat([search_row_scales(p, h) for p in parts]).unsqueeze(1)  # one scale per row
+        elif scales is not None:
+            sc = scales[k].float().to(w.device).view(w.shape[0], -1)
+        elif static:
+            eff, nested = stored_scales(torch.cat([search_block_scales(p, h, g, scheme.format, grid, min_ratio) for p in parts]), scheme)
+            sc = eff.view(w.shape[0], -1)
+        else:
+            sc = torch.zeros(w.shape[0], n // g, device=w.device)
+        del parts
+        chosen.append((sc, nested))
+
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n, device=h.device)
+    hp = h[perm.unsqueeze(1), perm.unsqueeze(0)]
     if static:
         h = None  # only dynamic block scales read it again; n x n floats each copy, so hold as few as can be
     hp.diagonal().add_(damp * torch.mean(torch.diag(hp)))
@@ -69,18 +90,46 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: flo
     hinv = torch.cholesky_inverse(hinv)
     hinv = torch.linalg.cholesky(hinv, upper=True)
 
-    codes = torch.zeros(out_f, n, dtype=torch.uint8 if fourbit else torch.int8, device=w.device)
-    rounded = torch.empty(out_f, n, device=w.device) if latent else None
+    out = []
+    for w, (sc, nested) in zip(weights, chosen):
+        codes = torch.zeros(w.shape, dtype=torch.uint8 if fourbit else torch.int8, device=w.device)
+        rounded = torch.empty(w.shape, device=w.device) if latent else None
+        for r in range(0, w.shape[0], rows):
+            _solve_rows(_rows(w, r, rows, dead)[:, perm], sc[r : r + rows], codes[r : r + rows],
+                        None if rounded is None else rounded[r : r + rows], hinv, perm, h, cb, g, static, grid, min_ratio)
+        if fourbit:
+            q = FourBitWeight(codes, sc.reshape(-1).contiguous(), scheme.format, g, dtype, nested)
+        else:
+            q = Int8Weight(codes=codes, scb=sc.squeeze(1).contiguous(), threshold=scheme.threshold)
+        if rounded is not None:
+            q.latent = rounded
+        out.append(q)
+    return out
+
+
+def _rows(w: torch.Tensor, start: int, count: int, dead: torch.Tensor) -> torch.Tensor:
+    """Rows ``start : start + count`` of ``w`` as a float32 copy, inputs that were always zero zeroed."""
+    part = w[start : start + count].detach().to(torch.float32, copy=True)
+    part[:, dead] = 0.0
+    return part
+
+
+def _solve_rows(w: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor, rounded: torch.Tensor | None,
+                hinv: torch.Tensor, perm: torch.Tensor, h: torch.Tensor | None, cb: torch.Tensor | None, g: int,
+                static: bool, grid: int, min_ratio: float) -> None:
+    """GPTQ of rows ``w`` (float32, columns in the order ``perm``) with the upper Cholesky factor ``hinv`` of the
+    permuted inverse Hessian; writes ``codes`` (and ``rounded``) in the original column order, and ``scales``
+    (views of the layer's) as dynamic block scales are fixed."""
+    fourbit = cb is not None
+    n = w.shape[1]
     block = 128 if static else max(g, 128 // g * g)  # dynamic scales need whole groups inside a block
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(out_f, i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             if fourbit and not static and col % g == 0:  # entering a block: fix its scale now
-                gi = col // g
-                blk = w1[:, i : i + g]
-                scales[:, gi] = _block_scale(blk, h[col : col + g, col : col + g], cb, grid, min_ratio)
+                scales[:, col // g] = _block_scale(w1[:, i : i + g], h[col : col + g, col : col + g], cb, grid, min_ratio)
             s = scales[:, col // g]
             x = w1[:, i]
             if fourbit:
@@ -97,14 +146,6 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: flo
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
-    if fourbit:
-        out = FourBitWeight(codes.to(torch.uint8), scales.reshape(-1).contiguous(), scheme.format, g, dtype, nested)
-    else:
-        out = Int8Weight(codes=codes.to(torch.int8), scb=scales.squeeze(1).contiguous(), threshold=scheme.threshold)
-    if rounded is not None:
-        out.latent = rounded
-    return out
-
 
 def _block_scale(blk: torch.Tensor, hb: torch.Tensor, cb: torch.Tensor, grid: int, min_ratio: float) -> torch.Tensor:
     absmax = blk.abs().amax(-1)
@@ -116,37 +157,6 @@ def _block_scale(blk: torch.Tensor, hb: torch.Tensor, cb: torch.Tensor, grid: in
         better = err < best_err
         best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
     return best
-
-
-def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: torch.dtype, **opts) -> list[QuantizedWeight]:
-    """GPTQ of several layers reading the same input (same ``h``), in one pass over their stacked rows.
-
-    GPTQ treats rows independently given ``h``, so this equals quantizing each layer alone; with
-    double quantization each layer's scales are still chosen and stored per layer.
-    """
-    if len(weights) == 1:
-        return [gptq(weights[0], h, scheme, dtype, **opts)]
-    rows = [w.shape[0] for w in weights]
-    stacked = torch.cat([w.detach().float() for w in weights])
-    if isinstance(scheme, FourBit) and scheme.double_quant:
-        per = [stored_scales(search_block_scales(w.detach().float(), h, scheme.group_size, scheme.format,
-                                                 opts.get("grid", 20), opts.get("min_ratio", 0.5)), scheme) for w in weights]
-        scales = torch.cat([eff.view(r, -1) for (eff, _), r in zip(per, rows)])
-        q = gptq(stacked, h, scheme, dtype, scales=scales, **opts)
-        codes = q.codes.split(rows)
-        out = [FourBitWeight(c, eff, scheme.format, scheme.group_size, dtype, nested) for c, (eff, nested) in zip(codes, per)]
-    else:
-        q = gptq(stacked, h, scheme, dtype, **opts)
-        if isinstance(q, FourBitWeight):
-            nb = q.codes.shape[1] // q.group_size
-            out = [FourBitWeight(c, s.reshape(-1).contiguous(), q.quant_type, q.group_size, dtype)
-                   for c, s in zip(q.codes.split(rows), q.scales.view(-1, nb).split(rows))]
-        else:
-            out = [Int8Weight(c, s.contiguous(), q.threshold) for c, s in zip(q.codes.split(rows), q.scb.split(rows))]
-    if hasattr(q, "latent"):
-        for o, part in zip(out, q.latent.split(rows)):
-            o.latent = part
-    return out
 
 
 @register("gptq")
