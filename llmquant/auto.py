@@ -13,7 +13,8 @@
    nearest, and for INT8 the simulated LLM.int8 product on a token sample (its activation error
    counts too). For a calibrated method (``scale_search``, ``gptq``) the method is run for one
    reference 4-bit format per layer, and the layer's 4-bit scores are scaled by how much it
-   lowers that format's error.
+   lowers that format's error. A model read from safetensors is measured and scored one decoder layer
+   at a time (:func:`sensitivity_streamed`), never held whole.
 2. **Allocation.** A multiple-choice knapsack, solved exactly by dynamic programming over sizes
    rounded up to a fine unit (so the budget always holds, and the answer is optimal for the rounded
    sizes): the least predicted KL whose bytes fit. The same table gives the best predicted KL at
