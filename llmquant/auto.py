@@ -21,7 +21,7 @@
    every size: the frontier, plotted with the uniform formats beside it. With a quality target
    (``kl``), the smallest mix on that frontier whose KL divergence *measured* on the calibration
    windows (the layers swapped for their bitsandbytes modules) meets it, found by a few corrected
-   measurements (:func:`meet_kl`).
+   measurements (:func:`meet_kl`; streamed one decoder layer at a time by :class:`StreamedKLMeter`).
 3. **Rules.** One rule per chosen format (a glob over the decoder layers where every layer agrees,
    names otherwise), after the recipe's own rules, which keep their layers.
 """
@@ -383,9 +383,9 @@ KL_ROUNDS = 6
 KL_CLOSE = 0.9
 
 
-def meet_kl(p: "Problem", values: list[list[float]], best: torch.Tensor, unit: int, model: nn.Module, windows: torch.Tensor,
-            stats: dict, method: str, options: dict, target: float, progress: bool = True, log=print):
-    """The smallest mix whose *measured* KL divergence on ``windows`` is at most ``target``.
+def meet_kl(p: "Problem", values: list[list[float]], best: torch.Tensor, unit: int, kl_of, target: float, log=print):
+    """The smallest mix whose KL divergence *measured* by ``kl_of`` (a :class:`KLMeter` or
+    :class:`StreamedKLMeter`) is at most ``target``.
 
     The table gives the smallest mix for any predicted KL; the prediction is not the measurement (it is a second-order,
     layer-by-layer estimate), so the predicted level to ask for is corrected by measuring: start at the target, then move
@@ -393,50 +393,65 @@ def meet_kl(p: "Problem", values: list[list[float]], best: torch.Tensor, unit: i
     smallest that did not (halfway, in ratio, when the ratio would leave that interval). Returns (the choice, the checks, its measured KL).
     """
     span = sum(max(c) for c in p.costs)
-    kl_of = KLMeter(model, p.free, windows, stats, method, options, progress)
     checks: list[dict] = []
     good, good_goal, bad_goal, tried = None, 0.0, math.inf, set()
     goal = target
-    try:
-        for r in range(KL_ROUNDS + 1):
-            if r == KL_ROUNDS:  # nothing met the target yet: the least predicted KL the candidates allow, once
-                if good is not None:
-                    break
-                goal = best[-1].item()
-            ok = torch.nonzero(best <= goal * (1 + 1e-9))
-            cap = int(ok[0]) if len(ok) else len(best) - 1
-            choice, _, _ = allocate(p.costs, values, cap * unit, span=span)
-            if tuple(choice) in tried:  # a level between two known ones that selects a known mix
-                if good is not None:
-                    break
-                goal /= 4
-                continue
-            tried.add(tuple(choice))
-            predicted = sum(v[k] for v, k in zip(values, choice))
-            size = sum(x[k] for x, k in zip(p.costs, choice))
-            kl = kl_of({e.name: p.menus[e.name][k] for e, k in zip(p.free, choice)})
-            checks.append({"x": round(_x(p, p.fixed + size), 4), "predicted_kl": predicted, "measured_kl": kl})
-            log(f"auto: kl {target:g}: the mix at {_x(p, p.fixed + size):.3f} bits per weight measures {kl:.4f} "
-                f"nats/token (predicted {predicted:.4f})")
-            if kl <= target:
-                if good is None or size < good[1]:
-                    good = (choice, size, kl)
-                good_goal = max(good_goal, goal)
-                if kl >= KL_CLOSE * target:
-                    break
-            else:
-                bad_goal = min(bad_goal, goal)
-            nxt = predicted * target / kl if kl > 0 and predicted > 0 else goal * 2
-            if not good_goal < nxt < bad_goal:
-                nxt = math.sqrt(max(good_goal, goal / 16) * min(bad_goal, goal * 16))
-            goal = nxt
-    finally:
-        kl_of.close()
+    for r in range(KL_ROUNDS + 1):
+        if r == KL_ROUNDS:  # nothing met the target yet: the least predicted KL the candidates allow, once
+            if good is not None:
+                break
+            goal = best[-1].item()
+        ok = torch.nonzero(best <= goal * (1 + 1e-9))
+        cap = int(ok[0]) if len(ok) else len(best) - 1
+        choice, _, _ = allocate(p.costs, values, cap * unit, span=span)
+        if tuple(choice) in tried:  # a level between two known ones that selects a known mix
+            if good is not None:
+                break
+            goal /= 4
+            continue
+        tried.add(tuple(choice))
+        predicted = sum(v[k] for v, k in zip(values, choice))
+        size = sum(x[k] for x, k in zip(p.costs, choice))
+        kl = kl_of({e.name: p.menus[e.name][k] for e, k in zip(p.free, choice)})
+        checks.append({"x": round(_x(p, p.fixed + size), 4), "predicted_kl": predicted, "measured_kl": kl})
+        log(f"auto: kl {target:g}: the mix at {_x(p, p.fixed + size):.3f} bits per weight measures {kl:.4f} "
+            f"nats/token (predicted {predicted:.4f})")
+        if kl <= target:
+            if good is None or size < good[1]:
+                good = (choice, size, kl)
+            good_goal = max(good_goal, goal)
+            if kl >= KL_CLOSE * target:
+                break
+        else:
+            bad_goal = min(bad_goal, goal)
+        nxt = predicted * target / kl if kl > 0 and predicted > 0 else goal * 2
+        if not good_goal < nxt < bad_goal:
+            nxt = math.sqrt(max(good_goal, goal / 16) * min(bad_goal, goal * 16))
+        goal = nxt
     if good is None:
         least = min(c["measured_kl"] for c in checks)
         raise UserError(f"quantization.auto: kl {target:g} cannot be met with these candidates; the best mix measures "
                         f"{least:.4f} nats/token on the calibration windows: add wider candidates or raise the target")
     return good[0], checks, good[2]
+
+
+def _module_for(orig: nn.Module, qw, dtype: torch.dtype) -> nn.Module:
+    """The module the export will hold in place of ``orig`` for the chosen weights ``qw``."""
+    import copy
+
+    from .backends.bnb import build_module
+
+    if isinstance(qw, KeptWeight):
+        new = copy.deepcopy(orig)
+        w = qw.weight if type(orig) is nn.Linear else qw.weight.t()
+        new.weight.data = w.to(device=orig.weight.device, dtype=dtype).contiguous()
+        return new
+    new = build_module(qw, orig.bias, dtype, orig.weight.device)
+    if hasattr(orig, "_hf_hook"):  # accelerate's device placement (a model spread over GPUs)
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(new, orig._hf_hook)
+    return new
 
 
 class KLMeter:
@@ -451,11 +466,8 @@ class KLMeter:
         self.built: dict[tuple[str, str], nn.Module] = {}  # (layer, format) -> module, reused between mixes
 
     def module(self, name: str, c) -> nn.Module:
-        import copy
-
         from .algorithms import ALGORITHMS
         from .algorithms.scale_search import LayerStats
-        from .backends.bnb import build_module
         from .quantize import layer_weight
 
         key = (name, c.label())
@@ -464,17 +476,7 @@ class KLMeter:
             algo, st = ALGORITHMS[self.method], self.stats[name]
             layer_stats = LayerStats(st.h / st.tokens, st.tokens, self.options) if algo.calibrated else None
             qw = algo.quantize(layer_weight(orig).detach().float(), c, dtype, layer_stats)
-            if isinstance(qw, KeptWeight):
-                new = copy.deepcopy(orig)
-                w = qw.weight if type(orig) is nn.Linear else qw.weight.t()
-                new.weight.data = w.to(device=orig.weight.device, dtype=dtype).contiguous()
-            else:
-                new = build_module(qw, orig.bias, dtype, orig.weight.device)
-                if hasattr(orig, "_hf_hook"):  # accelerate's device placement (a model spread over GPUs)
-                    from accelerate.hooks import add_hook_to_module
-
-                    add_hook_to_module(new, orig._hf_hook)
-            self.built[key] = new
+            self.built[key] = _module_for(orig, qw, dtype)
         return self.built[key]
 
     def _use(self, modules: dict[str, nn.Module]) -> None:
@@ -505,6 +507,146 @@ class KLMeter:
     def close(self) -> None:
         self._use(self.float)
         self.built.clear()
+
+
+class StreamedKLMeter:
+    """:class:`KLMeter`'s measurement for a skeleton whose decoder layers are read from the checkpoint one at a time.
+
+    Once, the float pass: all windows through the embeddings (the start of every mix's pass, saved in ``scratch``),
+    then through one decoder layer at a time, each layer's Linear input statistics measured for a calibrated method
+    (saved), and the float model's last hidden states kept (saved). Each mix then runs all windows through one layer
+    at a time again with the mix's modules in place of that layer's Linear layers, and compares the two models'
+    next-token distributions through the final norm and head (the head's format swapped in for the mix). The weights a
+    format gets are chosen once per layer and format and kept in ``scratch`` for the mixes after. Memory: one layer and
+    the hidden states of all windows at one layer; disk: a few hidden-state copies and the chosen weights."""
+
+    def __init__(self, model: nn.Module, entries: list[PlanEntry], windows: torch.Tensor, method: str, options: dict,
+                 reader, device, scratch, progress: bool = True):
+        from pathlib import Path
+
+        from .algorithms import ALGORITHMS
+        from .calibrate import _to, decoder_layers, first_layer_input
+        from .stream import _call, _logits_after_layers, materialize_outside, release, source_layer
+
+        self.model, self.windows, self.method, self.options = model, windows, method, options
+        self.reader, self.device, self.scratch, self.progress = reader, device, Path(scratch), progress
+        self.stack, layers = decoder_layers(model)
+        self.n = len(layers)
+        self.inside = [[e for e in entries if e.name.startswith(f"{self.stack}.{i}.")] for i in range(self.n)]
+        self.outside = [e for e in entries if not any(e in group for group in self.inside)]
+        self.calibrated = ALGORITHMS[method].calibrated
+        rec = _Recorder()
+        hidden, self.calls = [], []
+        outer = materialize_outside(model, layers, reader, device)
+        try:
+            for w in windows:
+                x, call = first_layer_input(model, layers[0], w.unsqueeze(0).to(device))
+                hidden.append(x.cpu())
+                self.calls.append(_to(call, "cpu"))
+        finally:
+            release(model, outer)
+        torch.save(hidden, self.scratch / "kl-start.pt")
+        for i in tqdm(range(self.n), desc="KL: float model", unit="layer", disable=not progress):
+            with source_layer(model, self.stack, i, reader, device) as layer:
+                handles = rec.attach(model, [e.name for e in self.inside[i]], grads=False) if self.calibrated else []
+                try:
+                    for b in range(len(hidden)):
+                        rec.seen.clear()
+                        hidden[b] = _call(layer, hidden[b].to(device), *self.calls[b], device).cpu()
+                finally:
+                    for h in handles:
+                        h.remove()
+                rec.seen.clear()
+            self._save_stats(i, rec)
+        torch.save(hidden, self.scratch / "kl-float.pt")
+        if self.calibrated and self.outside:  # the head's (and any other outside Linear's) inputs
+            outer = materialize_outside(model, layers, reader, device)
+            handles = rec.attach(model, [e.name for e in self.outside], grads=False)
+            try:
+                for b, w in enumerate(windows):
+                    rec.seen.clear()
+                    _logits_after_layers(model, layers, w.unsqueeze(0).to(device), hidden[b].to(device), self.stack)
+            finally:
+                for h in handles:
+                    h.remove()
+                rec.seen.clear()
+                release(model, outer)
+            self._save_stats("outside", rec)
+
+    def _save_stats(self, key, rec: _Recorder) -> None:
+        if rec.stats:
+            torch.save({n: (st.h / st.tokens, st.tokens) for n, st in rec.stats.items()}, self.scratch / f"kl-stats-{key}.pt")
+        rec.stats.clear()
+
+    def _modules(self, group: list[PlanEntry], picked: dict, key) -> dict[str, nn.Module]:
+        """The mix's modules for the group's Linear layers (materialized) that it changes."""
+        import re
+
+        from .algorithms import ALGORITHMS
+        from .algorithms.scale_search import LayerStats
+        from .quantize import layer_weight
+
+        dtype, stats, out = self.model.dtype, None, {}
+        for e in group:
+            c = picked[e.name]
+            if isinstance(c, Keep) and c.dtype == dtype:
+                continue
+            orig = self.model.get_submodule(e.name)
+            path = self.scratch / re.sub(r"[^\w.+-]", "_", f"kl-weights-{e.name}-{c.label()}.pt")
+            if path.exists():
+                qw = torch.load(path, weights_only=False)
+            else:
+                layer_stats = None
+                if self.calibrated:
+                    if stats is None:
+                        stats = torch.load(self.scratch / f"kl-stats-{key}.pt")
+                    h, tokens = stats[e.name]
+                    layer_stats = LayerStats(h, tokens, self.options)
+                qw = ALGORITHMS[self.method].quantize(layer_weight(orig).detach().float(), c, dtype, layer_stats)
+                torch.save(qw, path)
+            out[e.name] = _module_for(orig, qw, dtype)
+        return out
+
+    @torch.no_grad()
+    def __call__(self, picked: dict) -> float:
+        from .calibrate import decoder_layers
+        from .evaluate.perplexity import token_kl
+        from .stream import _call, _logits_after_layers, materialize_outside, release, source_layer
+
+        model, device = self.model, self.device
+        layers = decoder_layers(model)[1]
+        hidden = torch.load(self.scratch / "kl-start.pt")
+        for i in tqdm(range(self.n), desc="KL: the mix", unit="layer", disable=not self.progress, leave=False):
+            with source_layer(model, self.stack, i, self.reader, device) as layer:
+                for name, m in self._modules(self.inside[i], picked, i).items():  # given back with the layer
+                    model.set_submodule(name, m)
+                for b in range(len(hidden)):
+                    hidden[b] = _call(layer, hidden[b].to(device), *self.calls[b], device).cpu()
+        ref_hidden = torch.load(self.scratch / "kl-float.pt")
+        total, tokens = 0.0, 0
+        outer = materialize_outside(model, layers, self.reader, device)
+        floats = {e.name: model.get_submodule(e.name) for e in self.outside}
+        try:
+            quant = self._modules(self.outside, picked, "outside")
+            for b, w in enumerate(self.windows):
+                ids = w.unsqueeze(0).to(device)
+                for name, m in floats.items():
+                    model.set_submodule(name, m)
+                ref = torch.log_softmax(_logits_after_layers(model, layers, ids, ref_hidden[b].to(device), self.stack)[0], -1)
+                for name, m in quant.items():
+                    model.set_submodule(name, m)
+                logp = torch.log_softmax(_logits_after_layers(model, layers, ids, hidden[b].to(device), self.stack)[0], -1)
+                total += float(token_kl(ref, logp).sum())
+                tokens += len(ref)
+        finally:
+            for name, m in floats.items():
+                model.set_submodule(name, m)
+            release(model, outer)
+        return total / tokens
+
+    def close(self) -> None:
+        for f in self.scratch.glob("kl-*.pt"):
+            f.unlink()
 
 
 # ---- 3. the whole step ------------------------------------------------------------------------
@@ -596,7 +738,6 @@ def resolve(recipe, problem: Problem, model: nn.Module, tokenizer, calib_text: s
         fisher, stats = measure(model, p.free, windows, c.seed, progress)
         scores, ratios = score(model, p.free, p.menus, fisher, stats, q.method, options, model.dtype, progress)
     else:
-        assert auto.kl is None, "a kl target measures mixes of the whole model"
         reader, device, scratch = streamed
         scores, ratios = sensitivity_streamed(model, p.free, p.menus, windows, c.seed, q.method, options, model.dtype, reader,
                                               device, scratch, progress)
@@ -606,7 +747,12 @@ def resolve(recipe, problem: Problem, model: nn.Module, tokenizer, calib_text: s
     _, f_unit, best = allocate(p.costs, values, p.budget, span=span)  # every size: the frontier
     checks = measured = None
     if auto.kl is not None:
-        choice, checks, measured = meet_kl(p, values, best, f_unit, model, windows, stats, q.method, options, auto.kl, progress, log)
+        kl_of = (KLMeter(model, p.free, windows, stats, q.method, options, progress) if streamed is None
+                 else StreamedKLMeter(model, p.free, windows, q.method, options, *streamed, progress))
+        try:
+            choice, checks, measured = meet_kl(p, values, best, f_unit, kl_of, auto.kl, log)
+        finally:
+            kl_of.close()
     else:
         choice, unit, _ = allocate(p.costs, values, p.budget)  # a table up to the budget: the finest units
     del stats
@@ -734,4 +880,5 @@ def plot(report: dict, path, title: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["allocate", "prepare", "resolve", "measure", "score", "meet_kl", "KLMeter", "default_candidates", "plot"]
+__all__ = ["allocate", "prepare", "resolve", "measure", "score", "meet_kl", "KLMeter", "StreamedKLMeter", "default_candidates",
+           "plot"]

@@ -106,10 +106,9 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
 
         t = time.perf_counter()
         problem = auto.prepare(recipe, frame, dtype)  # a budget that cannot be met fails here, before loading
-        # the sensitivity pass streams the checkpoint layer by layer when it can; a kl target measures mixes of
-        # the whole model, loaded (as is a model that cannot stream)
-        if recipe.quantization.auto.kl is None:
-            reader, tried = _stream_reader(recipe, src, frame, log), True
+        # the sensitivity pass (and a kl target's measurements) stream the checkpoint layer by layer when it can;
+        # a model that cannot stream is loaded whole
+        reader, tried = _stream_reader(recipe, src, frame, log), True
         if reader is None:
             _check_fits_for_auto(plan.float_bytes, dtype, recipe.device)
         recipe, auto_report = _choose_formats(recipe, problem, src, calib_text, log, progress, frame, reader, device, out)
@@ -198,8 +197,8 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
 
 
 def _check_fits_for_auto(nbytes: int, dtype: torch.dtype, device_name: str) -> None:
-    """``quantization.auto`` measures sensitivity with gradients through the whole float model, loaded whole (not
-    streamed): refuse before loading a model whose weights alone exceed the free memory where it would go."""
+    """``quantization.auto`` on a model that cannot be streamed (a GGUF file, renamed tensors) measures with the whole
+    float model loaded: refuse before loading one whose weights alone exceed the free memory where it would go."""
     device = pick_device(device_name)
     spread = device.type == "cuda" and device_name == "auto" and torch.cuda.device_count() > 1  # over all GPUs
     free, where = _free_memory(device, spread), "the GPUs" if spread else str(device)

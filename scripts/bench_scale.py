@@ -10,7 +10,8 @@ sharded bfloat16 safetensors, then measures, each in its own subprocess under
   then ``save_pretrained``;
 * with ``--gptq``, ``llmquant run`` with GPTQ NF4 on calibration windows of the demo text;
 * with ``--auto N``, ``llmquant run`` with ``quantization.auto`` (4.5 bits per weight, RTN), its sensitivity pass
-  streamed over N windows of the demo text;
+  streamed over N windows of the demo text; with ``--auto-kl KL`` too, the same with the quality target ``kl: KL``
+  (its mixes measured streamed);
 * with ``--gptq --processes N``, the same GPTQ run over N processes (``torchrun``, data-parallel calibration; gloo on
   the CPU, nccl on GPUs), its export compared with the one-process export (4-bit codes that differ, largest scale
   difference) and its speedup.
@@ -95,6 +96,8 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=1, help="with --gptq: also run it over this many processes")
     ap.add_argument("--auto", type=int, default=0, metavar="N",
                     help="also quantization.auto (bits_per_weight 4.5, rtn), sensitivity streamed over N windows of --seqlen tokens")
+    ap.add_argument("--auto-kl", type=float, default=None, metavar="KL",
+                    help="with --auto N: also quantization.auto with the target kl: KL (rtn), measured on the same windows")
     ap.add_argument("--no-rtn", action="store_true")
     ap.add_argument("--no-stock", action="store_true")
     ap.add_argument("--workdir", help="keep the model and outputs here (default: a temporary folder)")
@@ -140,6 +143,14 @@ def main() -> None:
         x = measure([sys.executable, "-m", "llmquant", "run", str(recipe("auto", search)), "--quiet"])
         rows.append((f"llmquant run, auto 4.5 bits per weight, rtn, sensitivity on {a.auto}x{a.seqlen} (streamed)", x,
                      json.loads((root / "auto" / "llmquant.json").read_text())["timings_seconds"]))
+    if a.auto and a.auto_kl is not None:
+        search = search.replace("bits_per_weight: 4.5", f"kl: {a.auto_kl}")
+        x = measure([sys.executable, "-m", "llmquant", "run", str(recipe("auto-kl", search)), "--quiet"])
+        report = json.loads((root / "auto-kl" / "llmquant.json").read_text())
+        rows.append((f"llmquant run, auto kl {a.auto_kl:g}, rtn, on {a.auto}x{a.seqlen} (streamed)", x, report["timings_seconds"]))
+        notes.append(f"auto kl {a.auto_kl:g}: " + ", ".join(f"{c['x']:.2f} bits per weight measured {c['measured_kl']:.4f}"
+                                                          for c in report["auto"]["kl_checks"])
+                     + f"; chosen {report['auto']['chosen_x']:.2f} bits per weight")
 
     import torch
 

@@ -155,6 +155,33 @@ def test_llm_int8_simulation_matches_bitsandbytes():
             assert (x @ qw.dequantize().float().t() - y).norm() > 100 * (sim2 - y).norm()
 
 
+@pytest.mark.parametrize("int_mm", [True, False], ids=["integer-product", "float-product"])
+def test_awq_int8_search_predicts_the_error_of_bitsandbytes_int8_layers(monkeypatch, int_mm):
+    """The INT8 scaling search (layers sharing one input, the LLM.int8 split computed once per candidate) scores a
+    scaling as real bitsandbytes INT8 layers on the scaled input err, on either product (CPUs with or without
+    AVX-512 take different ones)."""
+    from llmquant.algorithms import awq
+
+    monkeypatch.setattr(awq, "_INT_MM_CPU", int_mm)
+    w1, _, x = layer(out=192, seed=3)
+    w2 = layer(out=64, seed=4)[0]
+    x = x[:512] * 0.1
+    x[::7, 3] = 9.0  # an outlier column above the threshold
+    schemes = [Int8(threshold=6.0), Int8(threshold=6.0)]
+    s, alpha, ratio = search_scales([w1, w2], schemes, x.t() @ x / len(x), x.abs().mean(0), x, 10, x.abs().amax(0))
+
+    def real_error(scales):
+        err = 0.0
+        for w in (w1, w2):
+            with torch.no_grad():
+                y = build_module(rtn_int8(w * scales, schemes[0]), None, torch.float32, "cpu")(x / scales)
+            err += ((y - x @ w.t()) ** 2).sum().item() / len(x)
+        return err
+
+    assert alpha > 0 and ratio < 0.7  # loud channels: scaling them down is worth it
+    assert ratio == pytest.approx(real_error(s) / real_error(torch.ones_like(s)), rel=0.02)
+
+
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
 @pytest.mark.parametrize("fmt", ["nf4", "fp4"])
 def test_rtn_by_row_chunks_is_bitsandbytes_quantization(monkeypatch, fmt, double_quant):

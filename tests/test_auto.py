@@ -243,10 +243,48 @@ def test_streamed_sensitivity_equals_the_whole_model_pass(tiny_dirs, arch):
             assert scores_s[e.name][k] == pytest.approx(v, rel=1e-4, abs=1e-12), (e.name, k)
 
 
-def test_auto_streams_a_model_larger_than_free_memory_and_refuses_a_kl_target_before_loading_it(tiny_dirs, tmp_path, text, capsys,
-                                                                                              monkeypatch):
-    """With less free memory than the model's weights, a size budget is searched streamed (the model never loaded
-    whole); a kl target measures mixes of the whole model, so it is refused in one line before anything is loaded."""
+@pytest.mark.parametrize("arch,method", [("llama", "gptq"), ("gpt2", "rtn"), ("qwen2", "scale_search")])
+def test_streamed_kl_meter_equals_the_whole_model_meter(tiny_dirs, arch, method):
+    """A kl target's measurement one decoder layer at a time from the checkpoint gives the KL the loaded model gives
+    for the same mixes (an untied head quantized too; GPT-2 and Qwen2 tie theirs to the embeddings), with the method's weights chosen on
+    the float model's statistics; the second mix reuses weights chosen for the first."""
+    import random
+
+    from llmquant.auto import KLMeter, StreamedKLMeter, default_candidates, fits, measure
+    from llmquant.calibrate import calibration_windows
+    from llmquant.models import load_config, load_model, resolve_source
+    from llmquant.plan import build_plan
+    from llmquant.stream import CheckpointReader, skeleton
+
+    src = resolve_source(str(tiny_dirs(arch)))
+    model, tok = load_model(src, "float32", "cpu")
+    ignore = [] if arch == "llama" else ["lm_head"]  # a tied head stays as it is
+    q = Recipe.from_dict({"model": {"source": "x"}, "output": {"dir": "x"}, "quantization": {"default": "nf4", "ignore": ignore}}).quantization
+    entries = build_plan(model, q, torch.float32).quantized_entries
+    assert any(e.name == "lm_head" for e in entries) == (arch == "llama")
+    windows = calibration_windows(tok, TEXT * 6, 3, 32, 0)
+    menus = {e.name: [c for c in default_candidates(torch.float32) if fits(c, e)] for e in entries}
+    _, stats = measure(model, entries, windows, 0, progress=False)
+    rng = random.Random(0)
+    mixes = [{e.name: rng.choice(menus[e.name]) for e in entries} for _ in range(2)]
+    mixes[1] = {n: c if rng.random() < 0.5 else mixes[0][n] for n, c in mixes[1].items()}
+    whole = KLMeter(model, entries, windows, stats, method, {}, False)
+    expected = [whole(m) for m in mixes]
+    frame = skeleton(load_config(src), torch.float32)
+    with tempfile.TemporaryDirectory() as scratch:
+        meter = StreamedKLMeter(frame, entries, windows, method, {}, CheckpointReader(tiny_dirs(arch)), torch.device("cpu"),
+                                scratch, progress=False)
+        got = [meter(m) for m in mixes]
+        meter.close()
+        assert not list(Path(scratch).iterdir())
+    assert all(p.device.type == "meta" for p in frame.parameters())  # every layer given back
+    assert min(expected) > 1e-4 and got == pytest.approx(expected, rel=1e-4)
+
+
+def test_auto_streams_a_model_larger_than_free_memory_and_refuses_one_it_cannot_stream(tiny_dirs, tmp_path, text, capsys,
+                                                                                     monkeypatch):
+    """With less free memory than the model's weights, a size budget and a kl target are searched streamed (the model
+    never loaded whole); a model that cannot be streamed is refused in one line before anything is loaded."""
     import yaml
 
     import llmquant.pipeline as pipeline
@@ -259,6 +297,10 @@ def test_auto_streams_a_model_larger_than_free_memory_and_refuses_a_kl_target_be
     res = quiet(auto_recipe(tiny_dirs("llama"), tmp_path / "streamed", text, {"bits_per_weight": 4.5}))
     assert res.check.passed and res.plan.linear_bits_per_weight() <= 4.5 and res.auto["target"] == "bits_per_weight 4.5"
     assert not list(tmp_path.glob(".streamed.llmquant-auto-*"))  # the layers' saved inputs are gone
+    res = quiet(auto_recipe(tiny_dirs("llama"), tmp_path / "kl", text, {"kl": 1e6}, method="gptq"))
+    assert res.check.passed and res.auto["measured_kl"] <= 1e6 and len(res.auto["kl_checks"]) >= 1
+    assert not list(tmp_path.glob(".kl.llmquant-auto-*"))
+    monkeypatch.setattr(pipeline, "_stream_reader", lambda *a: None)  # as for a GGUF file
     d = {"model": {"source": str(tiny_dirs("llama"))}, "device": "cpu", "output": {"dir": str(tmp_path / "out")},
          "quantization": {"auto": {"kl": 0.05}},
          "calibration": {"text": {"source": str(text)}, "nsamples": 4, "seqlen": 32}}
@@ -300,7 +342,7 @@ def test_auto_on_other_families(tiny_dirs, tmp_path, text, arch):
     assert len({e.label() for e in res.plan.quantized_entries}) > 1  # a real mix
 
 
-def test_kl_search_finds_the_smallest_frontier_mix_that_meets_the_target(monkeypatch):
+def test_kl_search_finds_the_smallest_frontier_mix_that_meets_the_target():
     """The prediction is off by a factor (as real ones are): the corrected search still ends at the smallest mix whose
     measured KL meets the target, in a few measurements, never at one that misses it."""
     from types import SimpleNamespace
@@ -329,11 +371,10 @@ def test_kl_search_finds_the_smallest_frontier_mix_that_meets_the_target(monkeyp
             def close(self):
                 pass
 
-        monkeypatch.setattr(A, "KLMeter", Meter)
         for target in (0.3, 0.8, 1.5):
             calls.clear()
             try:
-                choice, checks, measured = A.meet_kl(p, values, best, unit, None, None, None, "rtn", {}, target, False, lambda *a: None)
+                choice, checks, measured = A.meet_kl(p, values, best, unit, Meter(), target, lambda *a: None)
             except UserError:
                 assert factor * min(sum(v[-1] for v in values), brute_force(costs, values, span)[0]) > target
                 continue
