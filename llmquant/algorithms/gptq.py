@@ -67,7 +67,7 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
     chosen = []
     for k, w in enumerate(weights):
         nested = None
-        parts = [_rows(w, r, rows, dead) for r in range(0, w.shape[0], rows)]
+        parts = (_rows(w, r, rows, dead) for r in range(0, w.shape[0], rows))  # made one at a time as searched
         if not fourbit:
             sc = torch.cat([search_row_scales(p, h) for p in parts]).unsqueeze(1)  # one scale per row
         elif scales is not None:
@@ -77,7 +77,6 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
             sc = eff.view(w.shape[0], -1)
         else:
             sc = torch.zeros(w.shape[0], n // g, device=w.device)
-        del parts
         chosen.append((sc, nested))
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n, device=h.device)
