@@ -183,6 +183,12 @@ def measure(model: nn.Module, entries: list[PlanEntry], windows: torch.Tensor, s
     return rec.result(entries, tokens)
 
 
+def _by_layer(entries: list[PlanEntry], stack: str, n: int) -> tuple[list[list[PlanEntry]], list[PlanEntry]]:
+    """The entries inside each of the ``n`` decoder layers of ``stack``, and those outside them (the head)."""
+    inside = [[e for e in entries if e.name.startswith(f"{stack}.{i}.")] for i in range(n)]
+    return inside, [e for e in entries if not any(e in group for group in inside)]
+
+
 def sensitivity_streamed(model: nn.Module, entries: list[PlanEntry], menus: dict[str, list], windows: torch.Tensor, seed: int,
                          method: str, options: dict, dtype: torch.dtype, reader, device, scratch, progress: bool = True,
                          record: dict | None = None):
@@ -200,15 +206,14 @@ def sensitivity_streamed(model: nn.Module, entries: list[PlanEntry], menus: dict
     weights and statistics of every layer (for tests: they are dropped otherwise)."""
     from pathlib import Path
 
-    from .calibrate import _first, _to, decoder_layers, first_layer_input
+    from .calibrate import _first, _to, decoder_layers
     from .memory import give_memory_back
-    from .stream import _logits_after_layers, materialize_outside, release, source_layer
+    from .stream import _call, _logits_after_layers, first_layer_inputs, materialize_outside, release, source_layer
 
     stack, layers = decoder_layers(model)
     n = len(layers)
     names = [e.name for e in entries]
-    inside = [[e for e in entries if e.name.startswith(f"{stack}.{i}.")] for i in range(n)]
-    outside = [e for e in entries if not any(e in group for group in inside)]
+    inside, outside = _by_layer(entries, stack, n)
     rec, scratch = _Recorder(), Path(scratch)
     scores: dict[str, dict[str, float]] = {}
     ratios: dict[str, float] = {}
@@ -226,21 +231,17 @@ def sensitivity_streamed(model: nn.Module, entries: list[PlanEntry], menus: dict
             del rec.fisher[e.name], rec.stats[e.name]
         give_memory_back()  # the scoring's temporaries, before the next layer's
 
-    hidden, calls = [], []
     outer = materialize_outside(model, layers, reader, device)
     try:
-        for w in windows:
-            x, call = first_layer_input(model, layers[0], w.unsqueeze(0).to(device))
-            hidden.append(x.cpu())
-            calls.append(_to(call, "cpu"))
+        hidden, calls = first_layer_inputs(model, layers[0], windows.unsqueeze(1), device)
     finally:
         release(model, outer)
     bar = tqdm(total=2 * n + 1, desc="sensitivity", unit="pass", disable=not progress)
     for i in range(n):  # forward
         torch.save(hidden, scratch / f"inputs-{i:05d}.pt")
-        with source_layer(model, stack, i, reader, device) as layer, torch.no_grad():
-            for b, (x, (args, kwargs)) in enumerate(zip(hidden, calls)):
-                hidden[b] = _first(layer(x.to(device), *_to(args, device), **_to(kwargs, device))).cpu()
+        with source_layer(model, stack, i, reader, device) as layer:
+            for b in range(len(hidden)):
+                hidden[b] = _call(layer, hidden[b].to(device), *calls[b], device).cpu()
         bar.update(1)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     outer = materialize_outside(model, layers, reader, device)
@@ -525,24 +526,19 @@ class StreamedKLMeter:
         from pathlib import Path
 
         from .algorithms import ALGORITHMS
-        from .calibrate import _to, decoder_layers, first_layer_input
-        from .stream import _call, _logits_after_layers, materialize_outside, release, source_layer
+        from .calibrate import decoder_layers
+        from .stream import _call, _logits_after_layers, first_layer_inputs, materialize_outside, release, source_layer
 
         self.model, self.windows, self.method, self.options = model, windows, method, options
         self.reader, self.device, self.scratch, self.progress = reader, device, Path(scratch), progress
         self.stack, layers = decoder_layers(model)
         self.n = len(layers)
-        self.inside = [[e for e in entries if e.name.startswith(f"{self.stack}.{i}.")] for i in range(self.n)]
-        self.outside = [e for e in entries if not any(e in group for group in self.inside)]
+        self.inside, self.outside = _by_layer(entries, self.stack, self.n)
         self.calibrated = ALGORITHMS[method].calibrated
         rec = _Recorder()
-        hidden, self.calls = [], []
         outer = materialize_outside(model, layers, reader, device)
         try:
-            for w in windows:
-                x, call = first_layer_input(model, layers[0], w.unsqueeze(0).to(device))
-                hidden.append(x.cpu())
-                self.calls.append(_to(call, "cpu"))
+            hidden, self.calls = first_layer_inputs(model, layers[0], windows.unsqueeze(1), device)
         finally:
             release(model, outer)
         torch.save(hidden, self.scratch / "kl-start.pt")

@@ -100,7 +100,6 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
     frame = skeleton(config, dtype, m.trust_remote_code)
     plan = build_plan(frame, recipe.quantization, dtype)
     auto_report = reader = None
-    tried = False  # whether the checkpoint was opened to stream already
     if recipe.quantization.auto is not None:
         from . import auto
 
@@ -108,7 +107,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
         problem = auto.prepare(recipe, frame, dtype)  # a budget that cannot be met fails here, before loading
         # the sensitivity pass (and a kl target's measurements) stream the checkpoint layer by layer when it can;
         # a model that cannot stream is loaded whole
-        reader, tried = _stream_reader(recipe, src, frame, log), True
+        reader = _stream_reader(recipe, src, frame, log)
         if reader is None:
             _check_fits_for_auto(plan.float_bytes, dtype, recipe.device)
         recipe, auto_report = _choose_formats(recipe, problem, src, calib_text, log, progress, frame, reader, device, out)
@@ -127,7 +126,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
                           + " nats/token; the rules it chose:")
             console.print(yaml_rules(recipe), markup=False, highlight=False)
         return RunResult(recipe, plan, timings=timings, auto=auto_report)
-    if not tried:
+    if auto_report is None:  # (else the search of quantization.auto opened it already)
         reader = _stream_reader(recipe, src, frame, log)
     if distributed.active() and (reader is None or not needs_calibration(plan)):
         raise UserError("a run over several processes shares out calibration windows of a streamed model: "

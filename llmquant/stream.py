@@ -511,6 +511,17 @@ def release(model: nn.Module, names: list[str]) -> None:
         _release(model, n)
 
 
+def first_layer_inputs(model: nn.Module, first: nn.Module, batches, device) -> tuple[list[torch.Tensor], list]:
+    """Each batch of token ids as the first decoder layer ``first`` receives it: its hidden state and the call's other
+    arguments, on the CPU (the start of a pass over all batches one layer at a time; the embeddings must be in place)."""
+    hidden, calls = [], []
+    for ids in batches:
+        x, call = first_layer_input(model, first, ids.to(device))
+        hidden.append(x.cpu())
+        calls.append(_to(call, "cpu"))
+    return hidden, calls
+
+
 def logits_layer_by_layer(model: nn.Module, stack: str, n_layers: int, batches: list[torch.Tensor], layer_at, device,
                           desc: str | None = None):
     """A model's logits on each batch of token ids, one decoder layer at a time: every batch goes through the
@@ -518,11 +529,7 @@ def logits_layer_by_layer(model: nn.Module, stack: str, n_layers: int, batches: 
     place while it runs), then through the norm and head; yields each batch's logits (float32, on the CPU).
     Only the hidden states of all batches are kept between layers, on the CPU."""
     first = model.get_submodule(stack)
-    hidden, calls = [], []
-    for ids in batches:
-        x, call = first_layer_input(model, first[0], ids.to(device))
-        hidden.append(x.cpu())
-        calls.append(_to(call, "cpu"))
+    hidden, calls = first_layer_inputs(model, first[0], batches, device)
     for i in tqdm(range(n_layers), desc=desc, unit="layer", disable=desc is None):
         with layer_at(i) as layer:
             for b in range(len(hidden)):

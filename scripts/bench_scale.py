@@ -112,45 +112,40 @@ def main() -> None:
     n_shards = len(list(model.glob("*.safetensors")))
     rows, notes = [], []
 
-    def recipe(name: str, extra: str) -> Path:
+    def job(name: str, extra: str, label: str, launch: tuple = (sys.executable,)) -> tuple[dict, dict]:
+        """``llmquant run`` of a recipe on the model, measured; adds its row; returns (measurement, its llmquant.json)."""
         r = root / f"{name}.yaml"
         r.write_text(f"model: {{source: {model}}}\ndevice: {a.device}\noutput: {{dir: {root / name}, overwrite: true}}\n{extra}")
-        return r
+        m = measure([*launch, "-m", "llmquant", "run", str(r), "--quiet"])
+        report = json.loads((root / name / "llmquant.json").read_text())
+        rows.append((label, m, report["timings_seconds"]))
+        return m, report
 
     if not a.no_rtn:
-        rtn = measure([sys.executable, "-m", "llmquant", "run", str(recipe("rtn", "quantization: {default: nf4, method: rtn}\n")), "--quiet"])
-        rows.append(("llmquant run, nf4 g64, rtn (streamed)", rtn, json.loads((root / "rtn" / "llmquant.json").read_text())["timings_seconds"]))
+        job("rtn", "quantization: {default: nf4, method: rtn}\n", "llmquant run, nf4 g64, rtn (streamed)")
     if not a.no_stock:
         stock = measure([sys.executable, "-c", STOCK, str(model), str(root / "stock"), a.device])
         rows.append(("stock bitsandbytes: load_in_4bit nf4 + save_pretrained", stock, None))
     if a.gptq:
         calib = (f"quantization: {{default: nf4, method: gptq}}\ncalibration: {{text: {{source: asset:botchan, range: [0.0, 0.6]}}, "
                  f"nsamples: {a.windows}, seqlen: {a.seqlen}}}\n")
-        g = measure([sys.executable, "-m", "llmquant", "run", str(recipe("gptq", calib)), "--quiet"])
-        rows.append((f"llmquant run, nf4 g64, gptq {a.windows}x{a.seqlen} (streamed)", g,
-                     json.loads((root / "gptq" / "llmquant.json").read_text())["timings_seconds"]))
+        g, _ = job("gptq", calib, f"llmquant run, nf4 g64, gptq {a.windows}x{a.seqlen} (streamed)")
         if a.processes > 1:
-            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.processes)]
-            d = measure([*launch, "-m", "llmquant", "run", str(recipe("gptq-dist", calib)), "--quiet"])
-            rows.append((f"same, over {a.processes} processes (torchrun; RSS of the largest)", d,
-                         json.loads((root / "gptq-dist" / "llmquant.json").read_text())["timings_seconds"]))
+            launch = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.processes))
+            d, _ = job("gptq-dist", calib, f"same, over {a.processes} processes (torchrun; RSS of the largest)", launch)
             same = compare_exports(root / "gptq", root / "gptq-dist")
             notes.append(f"{a.processes} processes vs one: speedup {g['seconds'] / d['seconds']:.2f}x; {same}")
 
     if a.auto:
         search = (f"quantization: {{default: nf4, method: rtn, auto: {{bits_per_weight: 4.5, windows: {a.auto}}}}}\n"
                   f"calibration: {{text: {{source: asset:botchan, range: [0.0, 0.6]}}, nsamples: {a.auto}, seqlen: {a.seqlen}}}\n")
-        x = measure([sys.executable, "-m", "llmquant", "run", str(recipe("auto", search)), "--quiet"])
-        rows.append((f"llmquant run, auto 4.5 bits per weight, rtn, sensitivity on {a.auto}x{a.seqlen} (streamed)", x,
-                     json.loads((root / "auto" / "llmquant.json").read_text())["timings_seconds"]))
-    if a.auto and a.auto_kl is not None:
-        search = search.replace("bits_per_weight: 4.5", f"kl: {a.auto_kl}")
-        x = measure([sys.executable, "-m", "llmquant", "run", str(recipe("auto-kl", search)), "--quiet"])
-        report = json.loads((root / "auto-kl" / "llmquant.json").read_text())
-        rows.append((f"llmquant run, auto kl {a.auto_kl:g}, rtn, on {a.auto}x{a.seqlen} (streamed)", x, report["timings_seconds"]))
-        notes.append(f"auto kl {a.auto_kl:g}: " + ", ".join(f"{c['x']:.2f} bits per weight measured {c['measured_kl']:.4f}"
-                                                          for c in report["auto"]["kl_checks"])
-                     + f"; chosen {report['auto']['chosen_x']:.2f} bits per weight")
+        job("auto", search, f"llmquant run, auto 4.5 bits per weight, rtn, sensitivity on {a.auto}x{a.seqlen} (streamed)")
+        if a.auto_kl is not None:
+            _, report = job("auto-kl", search.replace("bits_per_weight: 4.5", f"kl: {a.auto_kl}"),
+                            f"llmquant run, auto kl {a.auto_kl:g}, rtn, on {a.auto}x{a.seqlen} (streamed)")
+            notes.append(f"auto kl {a.auto_kl:g}: " + ", ".join(f"{c['x']:.2f} bits per weight measured {c['measured_kl']:.4f}"
+                                                              for c in report["auto"]["kl_checks"])
+                         + f"; chosen {report['auto']['chosen_x']:.2f} bits per weight")
 
     import torch
 
