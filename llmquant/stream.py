@@ -412,6 +412,7 @@ class StreamedQuantizer:
             self.work.save_state(i, state)
             if distributed.rank() == 0:
                 self.work.save(f"layer-{i:05d}", tensors, record)  # the layer counts as done once its state is safe
+            del tensors  # written: not held while the next layer is calibrated
             self.work.drop_state(i - 1)
         distributed.barrier()
         if distributed.rank() != 0:

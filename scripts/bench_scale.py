@@ -178,8 +178,8 @@ def compare_exports(a: Path, b: Path) -> str:
             differing += int(((x & 15) != (y & 15)).sum() + ((x >> 4) != (y >> 4)).sum())
         elif x.is_floating_point():
             worst = max(worst, float(((x.float() - y.float()).abs() / x.float().abs().clamp_min(1e-12)).max()))
-        ra.close()
-        rb.close()
+    ra.close()
+    rb.close()
     return f"4-bit codes differing {differing} of {codes} ({differing / max(codes, 1):.4%}); largest relative float difference {worst:.2e}"
 
 

@@ -73,6 +73,27 @@ def test_gptq_solved_a_chunk_of_rows_at_a_time_equals_all_rows_at_once(scheme, a
     assert (whole[0].codes[:, 7] == whole[0].codes[0, 7]).all()  # the dead input's weights were zeroed
 
 
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+def test_gptq_output_error_is_the_error_of_its_weights(scheme, act_order, monkeypatch):
+    """The output error GPTQ reports from its own solve (no Hessian kept for it) is tr(E H Eᵀ) of the weights it
+    stored, whatever the scales (static or chosen block by block), the chunking and a dead input."""
+    import llmquant.algorithms.gptq as gptq_module
+
+    from llmquant.algorithms.grid import quadratic_error
+
+    w, h, _ = layer(out=150)
+    h[:, 5] = h[5, :] = 0.0
+    monkeypatch.setattr(gptq_module, "GPTQ_CHUNK_WEIGHTS", 64 * w.shape[1])
+    for part, q in zip([w[:100], w[100:] * 4], gptq_layers([w[:100], w[100:] * 4], h, scheme, torch.float32, act_order=act_order)):
+        e = part.double() - q.dequantize().double()
+        direct = quadratic_error(e, h.double()).sum().item()
+        rtn_error = quadratic_error(part.double() - (rtn_4bit(part, scheme, torch.float32) if isinstance(scheme, FourBit)
+                                                    else rtn_int8(part, scheme)).dequantize().double(), h.double()).sum().item()
+        assert q.output_error == pytest.approx(direct, rel=1e-4)
+        assert q.output_error < rtn_error  # and not some other error of the same size
+
+
 @pytest.mark.parametrize("scheme", SCHEMES[:2], ids=lambda s: s.label())
 def test_scale_search_never_increases_its_objective(scheme):
     w, h, held = layer()

@@ -155,3 +155,20 @@ def test_measured_inputs_are_each_layers_own(arch):
         assert torch.allclose(stats[n].hessian, x.t() @ x / len(x), rtol=1e-4, atol=1e-6), n
     if arch in ("llama", "qwen2", "mistral"):
         assert sorted(len(g) for g in groups) == [1, 1, 2, 3]  # o, down; gate+up; q+k+v
+
+
+@pytest.mark.parametrize("n", [100, 1100])
+def test_input_statistics_kept_as_a_triangle_are_the_whole_xtx(n):
+    """H = XᵀX / tokens, summed window by window as upper-triangle column blocks (n = 1100: 16 blocks, the last
+    narrower), comes out whole and exactly symmetric, as the float64 sum of the whole products gives it."""
+    from llmquant.calibrate import _Inputs
+
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randn(1, t, n, generator=g) * torch.linspace(0.1, 3, n) for t in (40, 57, 33)]
+    st = _Inputs()
+    for x in windows:
+        st.add(x, keep_tokens=0)
+    st.finish()
+    whole = sum((x[0].t() @ x[0]).double() for x in windows) / 130
+    assert not st.parts and st.h.dtype == torch.float32 and torch.equal(st.h, st.h.t())
+    assert torch.allclose(st.h.double(), whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item())

@@ -50,7 +50,12 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
                 latent: bool = False) -> list[QuantizedWeight]:
     """GPTQ of several layers reading the same input (same ``h``): the inverse Hessian is factored once and
     every layer's rows are solved with it, a chunk of rows at a time. GPTQ treats rows independently given
-    ``h``, so this equals quantizing each layer alone; each layer's scales are chosen and stored per layer."""
+    ``h``, so this equals quantizing each layer alone; each layer's scales are chosen and stored per layer.
+
+    Each result's ``output_error`` is ``tr(E H Eᵀ)`` for its error ``E = W - Q``, taken from the solve itself (the
+    rounding errors it compensates sum to that quantity for the damped ``H``; the damping's share is taken off), so
+    that ``h`` is not needed once factored: with static scales the caller may hand it over (no other reference
+    kept), and it is freed before the solve, one ``n x n`` matrix less at the peak."""
     h = h.float()
     n = h.shape[0]
     dead = torch.diag(h) == 0
@@ -83,7 +88,8 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
     hp = h[perm.unsqueeze(1), perm.unsqueeze(0)]
     if static:
         h = None  # only dynamic block scales read it again; n x n floats each copy, so hold as few as can be
-    hp.diagonal().add_(damp * torch.mean(torch.diag(hp)))
+    lam = damp * torch.mean(torch.diag(hp))
+    hp.diagonal().add_(lam)
     hinv = torch.linalg.cholesky(hp)
     del hp
     hinv = torch.cholesky_inverse(hinv)
@@ -93,15 +99,20 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
     for w, (sc, nested) in zip(weights, chosen):
         codes = torch.zeros(w.shape, dtype=torch.uint8 if fourbit else torch.int8, device=w.device)
         rounded = torch.empty(w.shape, device=w.device) if latent else None
+        compensated = torch.zeros((), dtype=torch.float64, device=w.device)  # Σ e², e: each rounding error / hinv[i, i]
+        squared = torch.zeros((), dtype=torch.float64, device=w.device)  # ‖W - Q‖²
         for r in range(0, w.shape[0], rows):
             _solve_rows(_rows(w, r, rows, dead)[:, perm], sc[r : r + rows], codes[r : r + rows],
-                        None if rounded is None else rounded[r : r + rows], hinv, perm, h, cb, g, static, grid, min_ratio)
+                        None if rounded is None else rounded[r : r + rows], hinv, perm, h, cb, g, static, grid, min_ratio,
+                        compensated)
+            squared += _squared_error(w, codes, sc, r, min(r + rows, w.shape[0]), dead, cb, g)
         if fourbit:
             q = FourBitWeight(codes, sc.reshape(-1).contiguous(), scheme.format, g, dtype, nested)
         else:
             q = Int8Weight(codes=codes, scb=sc.squeeze(1).contiguous(), threshold=scheme.threshold)
         if rounded is not None:
             q.latent = rounded
+        q.output_error = max(float(compensated - lam * squared), 0.0)
         out.append(q)
     return out
 
@@ -113,12 +124,25 @@ def _rows(w: torch.Tensor, start: int, count: int, dead: torch.Tensor) -> torch.
     return part
 
 
+def _squared_error(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, start: int, stop: int, dead: torch.Tensor,
+                   cb: torch.Tensor | None, g: int) -> torch.Tensor:
+    """``‖W - Q‖²`` over rows ``start : stop``, in float64, a few rows at a time (small temporaries)."""
+    total = torch.zeros((), dtype=torch.float64, device=w.device)
+    step = max(1, (1 << 20) // w.shape[1])
+    for r in range(start, stop, step):
+        c, s = codes[r : min(r + step, stop)], scales[r : min(r + step, stop)]
+        q = cb[c.int()] * s.repeat_interleave(g, 1) if cb is not None else c.float() * (s / 127)
+        total += (_rows(w, r, len(c), dead) - q).square().sum(dtype=torch.float64)
+    return total
+
+
 def _solve_rows(w: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor, rounded: torch.Tensor | None,
                 hinv: torch.Tensor, perm: torch.Tensor, h: torch.Tensor | None, cb: torch.Tensor | None, g: int,
-                static: bool, grid: int, min_ratio: float) -> None:
+                static: bool, grid: int, min_ratio: float, compensated: torch.Tensor) -> None:
     """GPTQ of rows ``w`` (float32, columns in the order ``perm``) with the upper Cholesky factor ``hinv`` of the
     permuted inverse Hessian; writes ``codes`` (and ``rounded``) in the original column order, and ``scales``
-    (views of the layer's) as dynamic block scales are fixed."""
+    (views of the layer's) as dynamic block scales are fixed; adds the squared scaled rounding errors to
+    ``compensated``."""
     fourbit = cb is not None
     n = w.shape[1]
     block = 128 if static else max(g, 128 // g * g)  # dynamic scales need whole groups inside a block
@@ -143,6 +167,7 @@ def _solve_rows(w: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor, roun
             e = (x - q) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
+        compensated += err1.square().sum(dtype=torch.float64)
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
 
@@ -172,12 +197,18 @@ class GPTQ(Algorithm):
                       stats: LayerStats | None = None) -> list[QuantizedWeight]:
         if isinstance(scheme, Keep):
             return super().quantize_many(weights, scheme, dtype, stats)
-        return gptq_layers(weights, _hessian(stats, weights[0]), scheme, dtype, latent=self.keep_latent, **_options(stats))
+        return gptq_layers(weights, _hessian(stats, weights[0], take=True), scheme, dtype, latent=self.keep_latent,
+                           **_options(stats))
 
 
-def _hessian(stats: LayerStats | None, weight: torch.Tensor) -> torch.Tensor:
+def _hessian(stats: LayerStats | None, weight: torch.Tensor, take: bool = False) -> torch.Tensor:
+    """``stats``' Hessian on the weight's device; with ``take``, when the caller handed it over (``stats.owned``),
+    ``stats`` lets go of it, so that the solve can free it once factored."""
     assert stats is not None and stats.hessian is not None, "gptq needs calibration statistics"
-    return stats.hessian.to(weight.device)
+    h = stats.hessian.to(weight.device)
+    if take and stats.owned:
+        stats.hessian = None
+    return h
 
 
 def _options(stats: LayerStats) -> dict:

@@ -28,6 +28,9 @@ class LayerStats:
     hessian: torch.Tensor | None  # H = XᵀX / tokens, [in, in] float32
     tokens: int = 0
     options: dict | None = None  # method settings from the recipe's calibration section
+    # whether the caller keeps no other reference to ``hessian``: an algorithm may then drop it (set it to None) once
+    # it no longer needs it, and frees its memory during the rest of its work
+    owned: bool = False
 
 
 def stored_scales(scales: torch.Tensor, scheme: FourBit) -> tuple[torch.Tensor, NestedScales | None]:
