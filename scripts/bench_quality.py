@@ -52,6 +52,9 @@ ROWS = {
     # four calibration windows per tuning step instead of one
     "gptq+tune-nf4-b4": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune",
                                       "calibration": {"tune": {"batch": 4}}}),
+    # twice the default steps per layer (same total step size: 0.25 / steps)
+    "gptq+tune-nf4-s200": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune",
+                                        "calibration": {"tune": {"steps": 200}}}),
     "gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "gptq"}),
     "awq+gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "awq+gptq"}),
     # formats chosen per layer by quantization.auto for 4.5 bits per weight (the size of NF4 block 64), weights by GPTQ
