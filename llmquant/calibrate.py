@@ -386,14 +386,14 @@ class SequentialCalibrator:
                     qws = [ALGORITHMS["rtn"].quantize(layer_weight(modules[0]).detach(), e.scheme, self.plan.model_dtype)]
                 else:
                     ws = [layer_weight(m).detach() for m in modules]
-                    energy = [_output_energy(w, st.hessian) for w in ws]
                     last = not any(stats.get(b[0]) is st for b in batches[bi + 1 :])
                     # at its last use (statistics belong to one group) the solve may free the Hessian as it goes
                     layer_stats = LayerStats(st.hessian, st.tokens, options, owned=last)
                     if last:
                         st.h = None
 
-                    def solve():
+                    def solve():  # run by one process in turn (_decide)
+                        energy = [_output_energy(w, layer_stats.hessian) for w in ws]  # before the solve frees it
                         qws = algo.quantize_many(ws, e.scheme, self.plan.model_dtype, layer_stats)
                         return qws, [_rel_error(w, qw, layer_stats.hessian, en) for w, qw, en in zip(ws, qws, energy)]
 

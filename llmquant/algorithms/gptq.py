@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantized import FourBitWeight, Int8Weight, KeptWeight, QuantizedWeight, codebook
+from ..quantized import FourBitWeight, Int8Weight, KeptWeight, NestedScales, QuantizedWeight, codebook
 from ..schemes import FourBit, Keep
 from . import Algorithm, register
 from .grid import SEARCH_CHUNK_WEIGHTS, nearest_code, quadratic_error, search_block_scales, search_row_scales
@@ -105,11 +105,8 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
             _solve_rows(_rows(w, r, rows, dead)[:, perm], sc[r : r + rows], codes[r : r + rows],
                         None if rounded is None else rounded[r : r + rows], hinv, perm, h, cb, g, static, grid, min_ratio,
                         compensated)
-            squared += _squared_error(w, codes, sc, r, min(r + rows, w.shape[0]), dead, cb, g)
-        if fourbit:
-            q = FourBitWeight(codes, sc.reshape(-1).contiguous(), scheme.format, g, dtype, nested)
-        else:
-            q = Int8Weight(codes=codes, scb=sc.squeeze(1).contiguous(), threshold=scheme.threshold)
+            squared += _squared_error(w, codes, sc, r, min(r + rows, w.shape[0]), dead, scheme, g, dtype)
+        q = _stored(codes, sc, scheme, g, dtype, nested)
         if rounded is not None:
             q.latent = rounded
         q.output_error = max(float(compensated - lam * squared), 0.0)
@@ -124,15 +121,22 @@ def _rows(w: torch.Tensor, start: int, count: int, dead: torch.Tensor) -> torch.
     return part
 
 
+def _stored(codes: torch.Tensor, scales: torch.Tensor, scheme, g: int, dtype: torch.dtype,
+            nested: NestedScales | None = None) -> QuantizedWeight:
+    """The weight as stored from its codes and scales (``[out, in / group]``; int8: ``[out, 1]``)."""
+    if isinstance(scheme, FourBit):
+        return FourBitWeight(codes, scales.reshape(-1).contiguous(), scheme.format, g, dtype, nested)
+    return Int8Weight(codes=codes, scb=scales.squeeze(1).contiguous(), threshold=scheme.threshold)
+
+
 def _squared_error(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, start: int, stop: int, dead: torch.Tensor,
-                   cb: torch.Tensor | None, g: int) -> torch.Tensor:
+                   scheme, g: int, dtype: torch.dtype) -> torch.Tensor:
     """``‖W - Q‖²`` over rows ``start : stop``, in float64, a few rows at a time (small temporaries)."""
     total = torch.zeros((), dtype=torch.float64, device=w.device)
     step = max(1, (1 << 20) // w.shape[1])
     for r in range(start, stop, step):
-        c, s = codes[r : min(r + step, stop)], scales[r : min(r + step, stop)]
-        q = cb[c.int()] * s.repeat_interleave(g, 1) if cb is not None else c.float() * (s / 127)
-        total += (_rows(w, r, len(c), dead) - q).square().sum(dtype=torch.float64)
+        q = _stored(codes[r : min(r + step, stop)], scales[r : min(r + step, stop)], scheme, g, dtype).dequantize()
+        total += (_rows(w, r, len(q), dead) - q).square().sum(dtype=torch.float64)
     return total
 
 
