@@ -19,9 +19,12 @@ where it was loaded (CPU), so a model larger than the GPU can be calibrated.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -63,6 +66,70 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 class _Stop(Exception):
     pass
+
+
+class DiskWindows:
+    """The calibration windows' activations at one layer, one file per window in ``folder`` (``calibration.activations:
+    disk``): a list whose items are read from disk when taken, so memory holds one window at a time. Creating one
+    starts a fresh folder (a stopped run's leftovers go); the files stay until :meth:`drop`, also when an item is set
+    to None, so that a resumed run can still read the generation its saved state points to."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        self.n = 0
+
+    def _path(self, i: int) -> Path:
+        return self.folder / f"{i:06d}.pt"
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return torch.load(self._path(i), weights_only=True)
+
+    def __iter__(self):
+        return (self[i] for i in range(self.n))
+
+    def __setitem__(self, i: int, x: torch.Tensor | None) -> None:
+        if x is not None:
+            self._write(i, x)
+
+    def append(self, x: torch.Tensor) -> None:
+        self._write(self.n, x)
+        self.n += 1
+
+    def _write(self, i: int, x: torch.Tensor) -> None:
+        x = x.detach().cpu()
+        if x.untyped_storage().nbytes() != x.nbytes:  # a view: only its own values
+            x = x.clone()
+        tmp = self.folder / f"{i:06d}.tmp.pt"
+        torch.save(x, tmp)
+        os.replace(tmp, self._path(i))
+
+    def copy(self, folder: Path) -> "DiskWindows":
+        """The same windows under another folder (hard links where the filesystem allows: no second copy)."""
+        other = DiskWindows(folder)
+        for i in range(self.n):
+            try:
+                os.link(self._path(i), other._path(i))
+            except OSError:
+                shutil.copyfile(self._path(i), other._path(i))
+        other.n = self.n
+        return other
+
+    def drop(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.n = 0
+
+
+def drop_windows(windows) -> None:
+    """Give back a generation of activations that is no longer needed (on disk: its files)."""
+    if isinstance(windows, DiskWindows):
+        windows.drop()
 
 
 def first_layer_input(model: nn.Module, first: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, tuple]:
@@ -167,6 +234,8 @@ class SequentialCalibrator:
         self.store: torch.device | None = None
         # the float model's own activations at the current layer (tuning toward the float model), else None
         self.float_inputs: list[torch.Tensor] | None = None
+        # with calibration.activations: disk (a streamed run), where each generation of activations is kept
+        self.activations_dir: Path | None = None
 
     def tracks_float_model(self) -> bool:
         """Whether the float model's activations are carried beside the quantized ones (tune.target: model)."""
@@ -181,22 +250,28 @@ class SequentialCalibrator:
 
     # ---- running one decoder layer on all calibration windows -------------------------------
 
+    def _windows(self, tag: str):
+        """A new, empty generation of activations: a list, or files (``calibration.activations: disk``)."""
+        return [] if self.activations_dir is None else DiskWindows(self.activations_dir / tag)
+
     def _capture_first_inputs(self, first: nn.Module) -> tuple[list[torch.Tensor], tuple, dict]:
-        inputs, calls = [], []
+        inputs, calls = self._windows("inputs"), []
         for w in self.windows[distributed.share(len(self.windows))]:  # all of them in one process
             x, call = first_layer_input(self.model, first, w.unsqueeze(0).to(self._input_device()))
-            inputs.append(x)
+            inputs.append(x if self.activations_dir is None else x.cpu())
             calls.append(call)
         return inputs, *calls[0]
 
     def _input_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
-    def _run_quantized(self, layer: nn.Module, inputs: list[torch.Tensor], float_out: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the quantized layer on every window: its outputs replace ``inputs`` one window at a time, and each
-        float output is dropped once compared (so no third copy of the activations is ever held). Returns the
-        squared error and the squared float output, summed."""
+    def _run_quantized(self, layer: nn.Module, inputs, float_out, tag: str) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Run the quantized layer on every window: in memory its outputs replace ``inputs`` one window at a time, and
+        each float output is dropped once compared (so no third copy of the activations is ever held); on disk they
+        are a new generation (``tag``), the inputs' files kept until the caller drops them. Returns the squared error
+        and the squared float output, summed, and the outputs."""
         args, kwargs = _to(self._args, self.device), _to(self._kwargs, self.device)
+        outputs = inputs if isinstance(inputs, list) else self._windows(tag)
         num = den = 0
         with torch.no_grad():
             for i, x in enumerate(inputs):
@@ -205,13 +280,19 @@ class SequentialCalibrator:
                 float_out[i] = None
                 num = num + ((q.float() - f.float()) ** 2).sum()
                 den = den + (f.float() ** 2).sum()
-                inputs[i] = self._keep(q)
-        return torch.as_tensor(num), torch.as_tensor(den)
+                if outputs is inputs:
+                    inputs[i] = self._keep(q)
+                else:
+                    outputs.append(self._keep(q))
+        return torch.as_tensor(num), torch.as_tensor(den), outputs
 
-    def _run_float(self, layer: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _run_float(self, layer: nn.Module, inputs, tag: str):
         args, kwargs = _to(self._args, self.device), _to(self._kwargs, self.device)
+        out = self._windows(tag)
         with torch.no_grad():
-            return [self._keep(_first(layer(x.to(self.device), *args, **kwargs)).detach()) for x in inputs]
+            for x in inputs:
+                out.append(self._keep(_first(layer(x.to(self.device), *args, **kwargs)).detach()))
+        return out
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         if self.store is None or x.device == self.store:
@@ -222,7 +303,7 @@ class SequentialCalibrator:
         return x.to(self.store)
 
     def _measure(self, layer: nn.Module, inputs: list[torch.Tensor], names: list[str], stop_early: bool = False,
-                 first_group_only: bool = False, keep: int = 0) -> tuple[dict, list, list]:
+                 first_group_only: bool = False, keep: int = 0, tag: str = "") -> tuple[dict, list, list]:
         """Run the layer on every window, measuring the inputs of ``names``.
 
         Layers reading the very same tensor in one forward call (q/k/v, gate/up) share
@@ -262,7 +343,7 @@ class SequentialCalibrator:
 
         hooks = [self.model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
         args, kwargs = _to(self._args, self.device), _to(self._kwargs, self.device)
-        outs = []
+        outs = [] if stop_early else self._windows(f"{tag}.float-outputs")
         seen: set[str] = set()
         try:
             with torch.no_grad():
@@ -335,13 +416,13 @@ class SequentialCalibrator:
         names = [f"{prefix}.{n}" for n, m in layer.named_modules() if n and f"{prefix}.{n}" in self.entries]
         awq = any(ALGORITHMS[self.entries[n].method].scales_inputs for n in names)
         stats, groups, float_out = self._measure(
-            layer, inputs, names, first_group_only=self.spec.true_sequential and not awq, keep=self.spec.awq.tokens if awq else 0
-        )
+            layer, inputs, names, first_group_only=self.spec.true_sequential and not awq, keep=self.spec.awq.tokens if awq else 0,
+            tag=prefix)
         give_memory_back()
         groups += [[n] for n in names if not any(n in g for g in groups)]  # layers the forward never called
         # the float layer on the float model's activations (before anything here is quantized): the tuning targets
         # and the next layer's float activations
-        model_out = None if self.float_inputs is None else self._run_float(layer, self.float_inputs)
+        model_out = None if self.float_inputs is None else self._run_float(layer, self.float_inputs, f"{prefix}.model-outputs")
         report = {"layer": prefix, "scaled": []}
 
         # activation-aware scaling, on the float layer's statistics
@@ -409,9 +490,11 @@ class SequentialCalibrator:
             report["tune"] = self._tune(layer, prefix, names, floats, inputs, float_out if model_out is None else model_out)
         if model_out is not None:
             self.float_inputs = model_out
-        num, den = (distributed.sum_(t) for t in self._run_quantized(layer, inputs, float_out))
+        num, den, outputs = self._run_quantized(layer, inputs, float_out, f"{prefix}.outputs")
+        drop_windows(float_out)
+        num, den = distributed.sum_(num), distributed.sum_(den)
         report["layer_rel_error"] = (num / den).sqrt().item()
-        report["_outputs"] = inputs  # now the quantized layer's outputs
+        report["_outputs"] = outputs  # the quantized layer's outputs (in memory: in place of its inputs)
         return report
 
     def _tune(self, layer: nn.Module, prefix: str, names: list[str], floats: dict, inputs: list, float_out: list) -> dict:

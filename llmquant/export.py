@@ -27,6 +27,7 @@ from torch import nn
 
 from .backends.bnb import checkpoint_tensors, pack_4bit
 from .errors import ExportCheckError, UserError
+from .memory import give_file_pages_back
 from .plan import Plan
 from .quantized import FourBitWeight, Int8Weight, KeptWeight, QuantizedWeight
 from .schemes import FourBit, Int8
@@ -505,6 +506,7 @@ def _same_as_file(t: torch.Tensor, files, key: str, rows: int = 1 << 22) -> bool
         if not _same_values(t[a:a + step], files.get_slice(key, a, a + step)):
             return False
         files.close()
+        give_file_pages_back([t[a:a + step]])  # a reloaded tensor that maps the file: its pages read so far
     return True
 
 

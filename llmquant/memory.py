@@ -22,3 +22,57 @@ def give_memory_back() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim the pages now; their contents are kept (re-read from the file when used)
+
+
+def _file_mapping(start: int, end: int) -> bool:
+    """Whether the bytes [start, end) of this process lie in one mapping of a file (not anonymous memory)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if lo <= start < hi:
+                    return end <= hi and len(parts) == 6 and parts[4] != "0" and not parts[5].startswith("[")
+    except OSError:  # not Linux
+        pass
+    return False
+
+
+def give_file_pages_back(tensors) -> int:
+    """Drop from this process's memory the pages of CPU tensors that are views of a mapped file (transformers and
+    safetensors load a tensor whose dtype matches the file's without copying it): once read they stay counted in
+    the process's resident memory until the mapping closes, although the file holds them. The kernel reads them
+    again from the file if a tensor is used again, so nothing changes but the memory; a tensor in anonymous memory
+    is left alone. Returns the bytes advised."""
+    import mmap
+
+    madvise = _madvise()
+    if madvise is None:
+        return 0
+    page = mmap.PAGESIZE
+    done = 0
+    for t in tensors:
+        if t is None or t.device.type != "cpu" or t.numel() == 0:
+            continue
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        lo, hi = -(-start // page) * page, end // page * page  # only the pages that hold nothing else
+        if hi <= lo or not t.is_contiguous() or not _file_mapping(start, end):
+            continue
+        if madvise(lo, hi - lo, MADV_PAGEOUT) == 0:
+            done += hi - lo
+    return done
+
+
+@functools.cache
+def _madvise():
+    import ctypes
+
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise"):
+        return None
+    f = libc.madvise
+    f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return f

@@ -157,6 +157,9 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
             c = recipe.calibration
             windows = calibration_windows(tokenizer, calib_text.text, c.nsamples, c.seqlen, c.seed)
             calibrator = SequentialCalibrator(model, plan, windows, c, model_device(model), progress, log.print)
+            if c.activations == "disk":
+                log.print("calibration.activations: disk applies to streamed runs; this model is loaded whole, so its "
+                          "activations stay in memory")
         chosen = quantize_model(model, plan, progress=progress, calibration=calibrator)
         timings["quantize"] = time.perf_counter() - t
         calibration_report = _calibration_summary(calibrator, calib_text) if calibrator else None

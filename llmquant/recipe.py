@@ -259,6 +259,11 @@ class CalibrationSpec(StrictModel):
     # decoder layer are quantized. Slower, and it has not been shown to help here, so it is
     # off unless asked for (scripts/bench_quality.py --true-sequential compares).
     true_sequential: bool = False
+    # Where the windows' activations wait between decoder layers of a streamed run: "memory" (the CPU's RAM), or
+    # "disk" (one file per window in the work folder beside the output, read back one window at a time), for when
+    # they do not fit: nsamples x seqlen x hidden size x 2 bytes, two to three such copies (a 70B model, 128 windows
+    # of 2048 tokens: 4.3 GB each). A model loaded whole keeps them in memory.
+    activations: Literal["memory", "disk"] = "memory"
     gptq: GPTQOptions = Field(default_factory=GPTQOptions)
     scale_search: SearchOptions = Field(default_factory=SearchOptions)
     awq: AWQOptions = Field(default_factory=AWQOptions)

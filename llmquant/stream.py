@@ -32,9 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .memory import give_memory_back
+from .memory import give_file_pages_back, give_memory_back
 from .backends.bnb import without_cpu_repacking
-from .calibrate import _first, _to, first_layer_input
+from .calibrate import DiskWindows, _first, _to, drop_windows, first_layer_input
 from .errors import UserError
 from .plan import LLMQUANT_METHOD
 
@@ -353,6 +353,8 @@ class StreamedQuantizer:
         n = len(layers)
         prefixes = [f"{stack_name}.{i}" for i in range(n)]
         start = 0
+        if self.calibrator is not None and self.calibrator.spec.activations == "disk":
+            self.calibrator.activations_dir = self.work.path / f"activations{self.work._who()}"
         while start < n and self.work.done(f"layer-{start:05d}"):
             start += 1
         if start and not self.work.has_state(start - 1):
@@ -382,6 +384,8 @@ class StreamedQuantizer:
             self.reader.close()
             record: dict = {}
             t_layer = time.perf_counter()
+            # activations on disk: the generations the last saved state points to, dropped once the next is saved
+            previous = [w for w in (state.get("inputs"), state.get("float_inputs")) if isinstance(w, DiskWindows)]
             if self.calibrator is not None:
                 self.calibrator.store = torch.device("cpu")  # the device holds the layer and one window at a time
                 self.calibrator.float_inputs = state.pop("float_inputs", None)
@@ -414,6 +418,8 @@ class StreamedQuantizer:
                 self.work.save(f"layer-{i:05d}", tensors, record)  # the layer counts as done once its state is safe
             del tensors  # written: not held while the next layer is calibrated
             self.work.drop_state(i - 1)
+            for w in previous:
+                drop_windows(w)
         distributed.barrier()
         if distributed.rank() != 0:
             self.seconds = time.perf_counter() - t0
@@ -449,9 +455,11 @@ class StreamedQuantizer:
             state = {"probe": x.cpu(), "probe_call": _to(call, "cpu")}
             if self.calibrator is not None:
                 inputs, args, kwargs = self.calibrator._capture_first_inputs(layers[0])
-                state.update(inputs=[x.cpu() for x in inputs], calib_args=_to(args, "cpu"), calib_kwargs=_to(kwargs, "cpu"))
+                if isinstance(inputs, list):
+                    inputs = [x.cpu() for x in inputs]
+                state.update(inputs=inputs, calib_args=_to(args, "cpu"), calib_kwargs=_to(kwargs, "cpu"))
                 if self.calibrator.tracks_float_model():
-                    state["float_inputs"] = list(state["inputs"])
+                    state["float_inputs"] = list(inputs) if isinstance(inputs, list) else inputs.copy(inputs.folder.parent / "float-inputs")
             return state
         finally:
             release(self.model, outside)
@@ -725,6 +733,9 @@ class LayeredReload:
         its tokens alone, the comparison all of them: so they are not held in memory while the layers run)."""
         yield from logits_layer_by_layer(self.model, self.stack, len(self.layers), batches,
                                          lambda i: self.layer(i, compare), self.device, desc)
+        # the head's pages read by the forward (a tensor loaded as a view of the file), before the comparison reads
+        # the embeddings'
+        give_file_pages_back([*self.model.parameters(), *self.model.buffers()])
         if compare is not None:
             compare(self.model, None)
 

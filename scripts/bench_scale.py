@@ -8,7 +8,8 @@ sharded bfloat16 safetensors, then measures, each in its own subprocess under
 * ``llmquant run`` with ``default: nf4`` (block 64), ``method: rtn`` (streamed layer by layer);
 * stock bitsandbytes: ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit))``
   then ``save_pretrained``;
-* with ``--gptq``, ``llmquant run`` with GPTQ NF4 on calibration windows of the demo text;
+* with ``--gptq``, ``llmquant run`` with GPTQ NF4 on calibration windows of the demo text (``--activations disk``:
+  its activations kept on disk between layers);
 * with ``--auto N``, ``llmquant run`` with ``quantization.auto`` (4.5 bits per weight, RTN), its sensitivity pass
   streamed over N windows of the demo text; with ``--auto-kl KL`` too, the same with the quality target ``kl: KL``
   (its mixes measured streamed);
@@ -93,6 +94,8 @@ def main() -> None:
     ap.add_argument("--gptq", action="store_true", help="also GPTQ NF4 (calibrated, streamed)")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--activations", choices=["memory", "disk"], default="memory",
+                    help="with --gptq: where the calibration activations wait between layers (calibration.activations)")
     ap.add_argument("--processes", type=int, default=1, help="with --gptq: also run it over this many processes")
     ap.add_argument("--auto", type=int, default=0, metavar="N",
                     help="also quantization.auto (bits_per_weight 4.5, rtn), sensitivity streamed over N windows of --seqlen tokens")
@@ -128,8 +131,8 @@ def main() -> None:
         rows.append(("stock bitsandbytes: load_in_4bit nf4 + save_pretrained", stock, None))
     if a.gptq:
         calib = (f"quantization: {{default: nf4, method: gptq}}\ncalibration: {{text: {{source: asset:botchan, range: [0.0, 0.6]}}, "
-                 f"nsamples: {a.windows}, seqlen: {a.seqlen}}}\n")
-        g, _ = job("gptq", calib, f"llmquant run, nf4 g64, gptq {a.windows}x{a.seqlen} (streamed)")
+                 f"nsamples: {a.windows}, seqlen: {a.seqlen}, activations: {a.activations}}}\n")
+        g, _ = job("gptq", calib, f"llmquant run, nf4 g64, gptq {a.windows}x{a.seqlen} (streamed, activations in {a.activations})")
         if a.processes > 1:
             launch = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.processes))
             d, _ = job("gptq-dist", calib, f"same, over {a.processes} processes (torchrun; RSS of the largest)", launch)

@@ -24,6 +24,7 @@ RECIPES = {
                              {"match": ["*.v_proj", "*.mlp.c_proj", "*.fc2"], "format": "fp4", "double_quant": True},
                              {"match": ["*.up_proj", "*.c_fc", "*.out_proj"], "format": "fp16"}]}, False),
     "gptq": ({"default": "nf4", "method": "gptq"}, True),
+    "gptq-disk": ({"default": "nf4", "method": "gptq"}, {"activations": "disk"}),
     "awq+gptq": ({"default": "nf4", "method": "awq+gptq", "rules": [{"match": ["*.k_proj", "*.c_attn", "*.k_proj"], "format": "int8"}]}, True),
 }
 
@@ -39,7 +40,8 @@ def make_recipe(model_dir, out, name, calib_file, **output):
     quant, calibrated = RECIPES[name]
     d = {"model": {"source": str(model_dir)}, "device": "cpu", "quantization": quant, "output": {"dir": str(out), **output}}
     if calibrated:
-        d["calibration"] = {"text": {"source": str(calib_file)}, "nsamples": 4, "seqlen": 32, "awq": {"grid": 4, "tokens": 64}}
+        d["calibration"] = {"text": {"source": str(calib_file)}, "nsamples": 4, "seqlen": 32, "awq": {"grid": 4, "tokens": 64},
+                            **(calibrated if isinstance(calibrated, dict) else {})}
     return Recipe.from_dict(d)
 
 
@@ -95,6 +97,45 @@ def test_only_tensors_still_as_read_are_copied_from_the_source_file(tmp_path):
     reader.close()
 
 
+def _mapped_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    kb, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0] and not line.split(" ", 1)[0].endswith(":"):
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            kb += int(line.split()[1])
+    return kb
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only")
+def test_pages_of_a_tensor_that_maps_a_file_are_given_back_and_its_values_stay(tmp_path):
+    import platform
+
+    from safetensors import safe_open
+
+    from llmquant.memory import give_file_pages_back
+
+    if tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit()) < (5, 4):
+        pytest.skip("MADV_PAGEOUT needs Linux 5.4")
+    torch.manual_seed(0)
+    path = tmp_path / "t.safetensors"
+    save_file({"t": torch.randn(4096, 2048, dtype=torch.bfloat16)}, str(path))  # 16 MiB
+    with safe_open(str(path), "pt") as f:
+        mapped = f.get_tensor("t")  # what transformers holds when the file's dtype is the model's
+    total = float(mapped.float().sum())
+    assert _mapped_kb(path) > 15 * 1024  # read whole: counted in this process's memory
+    assert give_file_pages_back([mapped[:2048]]) >= 8 * 1024 * 1024 - 8192
+    assert 7 * 1024 < _mapped_kb(path) < 9 * 1024  # the first half given back
+    give_file_pages_back([mapped])
+    assert _mapped_kb(path) < 1024
+    assert float(mapped.float().sum()) == total  # read again from the file: the same values
+    anonymous = torch.randn(1 << 20)
+    copy = anonymous.clone()
+    assert give_file_pages_back([anonymous, mapped[:, :7]]) == 0  # anonymous memory, a non-contiguous view: left alone
+    assert torch.equal(anonymous, copy)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_streamed_export_equals_the_in_memory_export(tiny_dirs, tmp_path, monkeypatch, calib_file, arch, name):
@@ -113,7 +154,7 @@ def test_streamed_export_equals_the_in_memory_export(tiny_dirs, tmp_path, monkey
         assert [x["layer_rel_error"] for x in a] == pytest.approx([x["layer_rel_error"] for x in b], rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["rtn-mixed", "gptq"])
+@pytest.mark.parametrize("name", ["rtn-mixed", "gptq", "gptq-disk"])
 def test_a_stopped_run_resumes_where_it_stopped(tiny_dirs, tmp_path, monkeypatch, calib_file, name):
     model_dir = tiny_dirs("mistral")
     quiet(make_recipe(model_dir, tmp_path / "reference", name, calib_file))
@@ -137,6 +178,39 @@ def test_a_stopped_run_resumes_where_it_stopped(tiny_dirs, tmp_path, monkeypatch
     assert json.loads((tmp_path / "out" / "llmquant.json").read_text())["loading"]["resumed_from_layer"] == 1
     same_files(tmp_path / "out", tmp_path / "reference")
     assert not work[0].exists()
+
+
+@pytest.mark.parametrize("method,extra", [("gptq", {}), ("awq+gptq", {"true_sequential": True}),
+                                          ("gptq+tune", {"tune": {"steps": 3}})])
+def test_activations_kept_on_disk_give_the_same_export_one_generation_at_a_time(tiny_dirs, tmp_path, monkeypatch, calib_file,
+                                                                                 method, extra):
+    def recipe(out, activations):
+        return Recipe.from_dict({"model": {"source": str(tiny_dirs("llama"))}, "device": "cpu", "output": {"dir": str(out)},
+                                 "quantization": {"default": "nf4", "method": method},
+                                 "calibration": {"text": {"source": str(calib_file)}, "nsamples": 4, "seqlen": 32,
+                                                 "awq": {"grid": 4, "tokens": 64}, "activations": activations, **extra}})
+
+    seen = []
+    real = WorkFolder.save_state
+
+    def look(self, layer, state):  # what the activations folder holds once a layer is done
+        real(self, layer, state)
+        acts = self.path / "activations"
+        seen.append({p.name: len(list(p.glob("*.pt"))) for p in acts.iterdir()} if acts.is_dir() else {})
+
+    monkeypatch.setattr(WorkFolder, "save_state", look)
+    disk = quiet(recipe(tmp_path / "disk", "disk"))
+    monkeypatch.undo()
+    memory = quiet(recipe(tmp_path / "memory", "memory"))
+    same_files(tmp_path / "disk", tmp_path / "memory")
+    assert [x["layer_rel_error"] for x in disk.calibration["layers"]] == [x["layer_rel_error"] for x in memory.calibration["layers"]]
+    tuned = method.endswith("tune")
+    first = {"inputs", "float-inputs"} if tuned else {"inputs"}
+    assert len(seen) == 2 and all(n == 4 for s in seen for n in s.values()), seen  # 4 windows in each generation
+    # the inputs the layer read (kept while the saved state before it pointed to them) and its outputs; nothing else
+    assert set(seen[0]) == first | {"model.layers.0.outputs"} | ({"model.layers.0.model-outputs"} if tuned else set())
+    assert set(seen[1]) == {f"model.layers.{i}.{kind}" for i in (0, 1) for kind in (["outputs", "model-outputs"] if tuned else ["outputs"])}
+    assert not list(tmp_path.glob(".disk.llmquant-partial-*"))
 
 
 def test_another_recipe_does_not_resume_a_foreign_work_folder(tiny_dirs, tmp_path, calib_file, monkeypatch):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..memory import give_memory_back
 from ..quantized import FourBitWeight, Int8Weight, KeptWeight, NestedScales, QuantizedWeight, codebook
 from ..schemes import FourBit, Keep
 from . import Algorithm, register
@@ -84,6 +85,9 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
             sc = torch.zeros(w.shape[0], n // g, device=w.device)
         chosen.append((sc, nested))
 
+    # The scale search's temporaries (under glibc's mmap threshold: freed to the heap, and still counted in the
+    # process's memory until trimmed) go back before the n x n matrices of the factoring are made.
+    give_memory_back()
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n, device=h.device)
     hp = h[perm.unsqueeze(1), perm.unsqueeze(0)]
     if static:
