@@ -35,15 +35,19 @@ def _torchrun(recipe_file, nproc=2):
     return subprocess.run(cmd, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
-def test_two_processes_choose_the_weights_one_process_chooses(tiny_dirs, tmp_path, method):
+@pytest.mark.parametrize("method,activations", [("gptq", "disk"), ("awq+gptq", "memory")])
+def test_two_processes_choose_the_weights_one_process_chooses(tiny_dirs, tmp_path, method, activations):
     """Byte for byte, with one thread per process in both runs: matrix products round differently with another
-    number of threads, in one process as in several."""
+    number of threads, in one process as in several (the processes' activations in memory or each in its own files;
+    the one process's in memory)."""
     calib = tmp_path / "calib.txt"
     calib.write_text(TEXT * 3)
     model = tiny_dirs("llama")
     for name in ("one", "two"):
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(_recipe(model, tmp_path / name, calib, method)))
+        r = _recipe(model, tmp_path / name, calib, method)
+        if name == "two":
+            r["calibration"]["activations"] = activations
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(r))
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     single = subprocess.run([sys.executable, "-m", "llmquant", "run", str(tmp_path / "one.yaml"), "--quiet"],
                             capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600)
