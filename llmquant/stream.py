@@ -355,6 +355,7 @@ class StreamedQuantizer:
         start = 0
         if self.calibrator is not None and self.calibrator.spec.activations == "disk":
             self.calibrator.activations_dir = self.work.path / f"activations{self.work._who()}"
+            self._check_disk_space()
         while start < n and self.work.done(f"layer-{start:05d}"):
             start += 1
         if start and not self.work.has_state(start - 1):
@@ -427,6 +428,23 @@ class StreamedQuantizer:
         logits = self._rest(layers, prefixes, state["probe"])
         self.seconds = time.perf_counter() - t0
         return logits
+
+    def _check_disk_space(self) -> None:
+        """Refuse, before any work, activations on disk that the work folder's filesystem has no room for: each
+        generation is this process's windows x seqlen x hidden size in the model's dtype, and up to three are on disk
+        at once (five when tuning toward the float model carries its activations too)."""
+        import shutil
+
+        c = self.calibrator
+        windows = c.windows[distributed.share(len(c.windows))]
+        hidden = getattr(self.model.config, "hidden_size", None) or getattr(self.model.config, "n_embd", 0)
+        generation = windows.numel() * hidden * torch.empty((), dtype=self.plan.model_dtype).element_size()
+        need = generation * (5 if c.tracks_float_model() else 3)
+        free = shutil.disk_usage(self.work.path).free
+        if need > free:
+            raise UserError(f"calibration.activations: disk needs about {need / 1e9:.1f} GB in {self.work.path.parent} "
+                            f"and {free / 1e9:.1f} GB are free; free some space, or use fewer calibration windows or "
+                            f"activations: memory")
 
     def chosen(self) -> dict:
         """The chosen weights not yet written (the calibrator keeps its own)."""

@@ -213,6 +213,24 @@ def test_activations_kept_on_disk_give_the_same_export_one_generation_at_a_time(
     assert not list(tmp_path.glob(".disk.llmquant-partial-*"))
 
 
+def test_activations_on_disk_without_room_for_them_are_refused_before_any_work(tiny_dirs, tmp_path, monkeypatch, calib_file):
+    import shutil
+
+    from llmquant.errors import UserError
+
+    real = shutil.disk_usage
+    # 3 generations of 4 windows x 32 tokens x 128 float32 values: 197 kB
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
+    calls, real_save_state = [], WorkFolder.save_state
+    monkeypatch.setattr(WorkFolder, "save_state", lambda *a: calls.append(a))
+    with pytest.raises(UserError, match=r"calibration.activations: disk needs about 0.0 GB in .* and 0.0 GB are free"):
+        quiet(make_recipe(tiny_dirs("llama"), tmp_path / "out", "gptq-disk", calib_file))
+    assert not calls and not (tmp_path / "out").exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=200_000))
+    monkeypatch.setattr(WorkFolder, "save_state", real_save_state)
+    assert quiet(make_recipe(tiny_dirs("llama"), tmp_path / "out", "gptq-disk", calib_file)).check.passed
+
+
 def test_another_recipe_does_not_resume_a_foreign_work_folder(tiny_dirs, tmp_path, calib_file, monkeypatch):
     model_dir = tiny_dirs("llama")
     real = WorkFolder.save
