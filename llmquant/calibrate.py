@@ -94,21 +94,20 @@ class DiskWindows:
     def __iter__(self):
         return (self[i] for i in range(self.n))
 
-    def __setitem__(self, i: int, x: torch.Tensor | None) -> None:
+    def __setitem__(self, i: int, x: None) -> None:
+        """``windows[i] = None`` drops a window from a list in memory; here its file stays until :meth:`drop`. A
+        generation on disk is only ever written by :meth:`append`."""
         if x is not None:
-            self._write(i, x)
+            raise TypeError("a generation of activations on disk is written by append, not item by item")
 
     def append(self, x: torch.Tensor) -> None:
-        self._write(self.n, x)
-        self.n += 1
-
-    def _write(self, i: int, x: torch.Tensor) -> None:
         x = x.detach().cpu()
         if x.untyped_storage().nbytes() != x.nbytes:  # a view: only its own values
             x = x.clone()
-        tmp = self.folder / f"{i:06d}.tmp.pt"
+        tmp = self.folder / f"{self.n:06d}.tmp.pt"
         torch.save(x, tmp)
-        os.replace(tmp, self._path(i))
+        os.replace(tmp, self._path(self.n))
+        self.n += 1
 
     def copy(self, folder: Path) -> "DiskWindows":
         """The same windows under another folder (hard links where the filesystem allows: no second copy)."""
@@ -258,7 +257,7 @@ class SequentialCalibrator:
         inputs, calls = self._windows("inputs"), []
         for w in self.windows[distributed.share(len(self.windows))]:  # all of them in one process
             x, call = first_layer_input(self.model, first, w.unsqueeze(0).to(self._input_device()))
-            inputs.append(x if self.activations_dir is None else x.cpu())
+            inputs.append(x)
             calls.append(call)
         return inputs, *calls[0]
 

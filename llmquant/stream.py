@@ -437,8 +437,7 @@ class StreamedQuantizer:
 
         c = self.calibrator
         windows = c.windows[distributed.share(len(c.windows))]
-        hidden = getattr(self.model.config, "hidden_size", None) or getattr(self.model.config, "n_embd", 0)
-        generation = windows.numel() * hidden * torch.empty((), dtype=self.plan.model_dtype).element_size()
+        generation = _nbytes(self.plan.model_dtype, (*windows.shape, getattr(self.model.config, "hidden_size", 0)))
         need = generation * (5 if c.tracks_float_model() else 3)
         free = shutil.disk_usage(self.work.path).free
         if need > free:
