@@ -350,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _quiet_libraries(args.verbose)
+    if args.command != "assets":
+        from .memory import import_bitsandbytes
+
+        import_bitsandbytes()
     if getattr(args, "quiet", False):
         from transformers.utils import logging as tlog
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from .backends.bnb import checkpoint_tensors, pack_4bit
 from .errors import ExportCheckError, UserError
-from .memory import give_file_pages_back
+from .memory import give_file_pages_back, give_memory_back
 from .plan import Plan
 from .quantized import FourBitWeight, Int8Weight, KeptWeight, QuantizedWeight
 from .schemes import FourBit, Int8
@@ -153,11 +153,13 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def collect_tensors(model: nn.Module, plan: Plan, chosen: dict[str, QuantizedWeight], under: str | None = None,
-                    outside: list[str] | None = None) -> dict[str, torch.Tensor]:
+                    outside: list[str] | None = None, stored: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, on the CPU, from the chosen weights (never from bitsandbytes state).
 
     ``under`` keeps only the tensors of one module (a decoder layer), ``outside`` only those outside
-    the modules named (what is left once the decoder layers are written).
+    the modules named (what is left once the decoder layers are written). ``stored``: for layers whose chosen
+    weights were already turned into their checkpoint tensors (:func:`~llmquant.backends.bnb.checkpoint_tensors`
+    with no prefix), those tensors, in place of ``chosen``.
     """
     def wanted(name: str) -> bool:
         if under is not None:
@@ -173,6 +175,8 @@ def collect_tensors(model: nn.Module, plan: Plan, chosen: dict[str, QuantizedWei
         if e.scheme is None:
             if "weight" in e.tensors:
                 sd[prefix + "weight"] = module.weight
+        elif stored is not None and e.name in stored:
+            sd.update({prefix + k: v for k, v in stored[e.name].items()})
         else:
             qw = chosen[e.name]
             if isinstance(qw, KeptWeight):
@@ -484,6 +488,8 @@ def _compare_with_files(fresh: nn.Module, folder: Path, layers: list[dict], keep
             raise ExportCheckError(f"{name} is not stored in its planned format {schemes[name].label()}")
         n += _compare_layers(fresh, [SimpleNamespace(name=name)], {name: qw})
         files.close()
+        del qw
+        give_memory_back()  # the unpacked codes and their repacking, before the next layer's
     ours = dict(fresh.named_parameters(remove_duplicate=False)) | dict(fresh.named_buffers(remove_duplicate=False))
     for k in wanted:
         if k in planned:

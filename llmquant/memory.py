@@ -41,6 +41,12 @@ def _file_mapping(start: int, end: int) -> bool:
     return False
 
 
+def maps_a_file(t) -> bool:
+    """Whether a tensor's bytes are a view of a mapped file (see :func:`give_file_pages_back`)."""
+    return (t is not None and t.device.type == "cpu" and t.numel() > 0
+            and _file_mapping(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+
+
 def give_file_pages_back(tensors) -> int:
     """Drop from this process's memory the pages of CPU tensors that are views of a mapped file (transformers and
     safetensors load a tensor whose dtype matches the file's without copying it): once read they stay counted in
@@ -76,3 +82,30 @@ def _madvise():
     f = libc.madvise
     f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     return f
+
+
+def import_bitsandbytes():
+    """Import bitsandbytes without the compiler it pulls in for functions a run does not call.
+
+    On import, bitsandbytes (0.45 to 0.50) wraps four pure-PyTorch fallbacks (blockwise and 4-bit dequantization for
+    devices or shapes without a native kernel, two optimizer steps) in ``torch.compile``, which imports Inductor
+    (about 45 MB of resident memory once transformers' models are imported, over a second) before anything is
+    compiled. Imported here, those four stay plain functions (bitsandbytes' wrapper already falls back to them
+    whenever compiling fails); every other kernel is bitsandbytes' own. Does nothing once bitsandbytes is imported."""
+    import sys
+
+    import torch
+
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+
+    def plain(fn=None, **_):
+        return fn if fn is not None else (lambda f: f)
+
+    compile_ = torch.compile
+    torch.compile = plain
+    try:
+        import bitsandbytes
+    finally:
+        torch.compile = compile_
+    return bitsandbytes

@@ -29,7 +29,7 @@ from .errors import ExportCheckError
 from .export import (MARKER_FILE, ExportCheck, atomic_output, check_output_dir, keep_in_fp32_modules, keep_unchecked, logits_on,
                      model_device, probe_ids, probe_summary, safetensors_bytes, verify_export, verify_streamed_export,
                      write_checkpoint, write_streamed_checkpoint)
-from .memory import give_memory_back
+from .memory import give_memory_back, import_bitsandbytes
 from .models import (TOKENIZER_FILES, fingerprint, has_tokenizer, load_config, load_model, load_tokenizer, pick_device, resolve_dtype,
                      resolve_source)
 from .stream import skeleton
@@ -58,6 +58,7 @@ class RunResult:
 
 def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, progress: bool = True) -> RunResult:
     """Run a recipe. Plans and summaries go to ``console`` (stdout), progress notes to stderr."""
+    import_bitsandbytes()
     console = console or make_console()
     log = make_console(stderr=True)
     if distributed.launched() and not dry_run:

@@ -38,15 +38,23 @@ def codebook(quant_type: str, device: torch.device | str = "cpu") -> torch.Tenso
     return _codebook_cpu(quant_type).to(device)
 
 
+PACK_CHUNK = 1 << 20
+
+
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
     """Codes 0..15, any shape -> bitsandbytes' packed ``[(n + 1) // 2, 1]`` uint8 (first code in the high nibble)."""
     flat = codes.reshape(-1).to(torch.uint8)
     if flat.numel() % 2:
         flat = torch.cat([flat, flat.new_zeros(1)])
     if sys.byteorder == "little" and flat.is_contiguous() and flat.storage_offset() % 2 == 0:
-        # two codes per 16-bit word (first in the low byte): one pass over half as many elements
+        # two codes per 16-bit word (first in the low byte): one pass over half as many elements, a slice at a
+        # time so that the 16-bit temporaries stay small next to the weight
         pairs = flat.view(torch.int16)
-        return (((pairs << 4) & 0xF0) | (pairs >> 8)).to(torch.uint8).unsqueeze(1)
+        out = torch.empty(pairs.numel(), dtype=torch.uint8, device=flat.device)
+        for i in range(0, pairs.numel(), PACK_CHUNK):
+            p = pairs[i : i + PACK_CHUNK]
+            out[i : i + PACK_CHUNK] = ((p << 4) & 0xF0) | (p >> 8)
+        return out.unsqueeze(1)
     return ((flat[0::2] << 4) | flat[1::2]).unsqueeze(1)
 
 

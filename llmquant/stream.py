@@ -32,8 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .memory import give_file_pages_back, give_memory_back
-from .backends.bnb import without_cpu_repacking
+from .memory import give_file_pages_back, give_memory_back, maps_a_file
+from .backends.bnb import unlink, without_cpu_repacking
 from .calibrate import DiskWindows, _first, _to, drop_windows, first_layer_input
 from .errors import UserError
 from .plan import LLMQUANT_METHOD
@@ -340,6 +340,9 @@ class StreamedQuantizer:
         self.report: list[dict] = []
         self.resumed_from = 0
         self._chosen: dict = {}
+        # without calibration: each quantized layer's checkpoint tensors, made as soon as it is chosen (its packed
+        # codes take half the memory of the codes), until its decoder layer is written
+        self._stored: dict[str, dict[str, torch.Tensor]] = {}
         # whether the probe ran without bitsandbytes' CPU repacking (see run), so the check can too
         self.lean_check = calibrator is None
 
@@ -404,14 +407,17 @@ class StreamedQuantizer:
                 # (A calibrator has already run the layer, repacked on AVX512-BF16 CPUs: the check then repacks too.)
                 without_cpu_repacking(layer)
             state["probe"] = _call(layer, state["probe"].to(self.device), *state["probe_call"], self.device).cpu()
+            give_memory_back()  # the forward's temporaries (bitsandbytes dequantizes each weight to multiply)
             record["seconds"] = round(time.perf_counter() - t_layer, 2)
             if "report" in record:
                 record["report"]["seconds"] = record["seconds"]
             chosen = self.chosen()
-            tensors = collect_tensors(self.model, self.plan, chosen, under=prefix)
-            for name in [k for k in chosen if k.startswith(prefix + ".")]:
-                del chosen[name]  # written: the quantized model never accumulates in memory
+            tensors = collect_tensors(self.model, self.plan, chosen, under=prefix, stored=self._stored)
+            for made in (chosen, self._stored):
+                for name in [k for k in made if k.startswith(prefix + ".")]:
+                    del made[name]  # written: the quantized model never accumulates in memory
             layers[i] = blank
+            unlink(layer)
             del layer
             give_memory_back()
             self.work.save_state(i, state)
@@ -450,7 +456,9 @@ class StreamedQuantizer:
         return self.calibrator.chosen if self.calibrator is not None else self._chosen
 
     def _quantize_plain(self, prefix: str) -> None:
+        from .backends.bnb import checkpoint_tensors
         from .quantize import install, quantize_layer
+        from .quantized import KeptWeight
 
         for name, e in self.entries.items():
             if name.startswith(prefix + "."):
@@ -458,8 +466,12 @@ class StreamedQuantizer:
                 self.reader.close()
                 qw = quantize_layer(self.model.get_submodule(name), e, self.plan.model_dtype)
                 install(self.model, e, qw, self.plan.model_dtype)
-                self._chosen[name] = qw
-        give_memory_back()  # the quantizer's temporaries, before the next layer's
+                if isinstance(qw, KeptWeight):
+                    self._chosen[name] = qw  # (no smaller as checkpoint tensors, and GPT-2's Conv1D stores it transposed)
+                else:
+                    self._stored[name] = checkpoint_tensors(qw, "")
+                del qw
+                give_memory_back()  # the quantizer's temporaries, before the next module's
 
     def _materialize_outside(self, layers, unchanged: dict | None = None) -> list[str]:
         return materialize_outside(self.model, layers, self.reader, self.device, unchanged)
@@ -605,6 +617,40 @@ class _Replay(nn.Module):
         return self.hidden
 
 
+HEAD_SLICE_BYTES = 32 << 20
+
+
+@contextmanager
+def _head_in_slices(model: nn.Module):
+    """A float head whose weight is a view of the checkpoint file (as the streamed runs and the reloaded export read
+    it) multiplies one slice of vocabulary rows at a time and gives each slice's pages back once used, so that the
+    head (0.2 GB for a 49k x 2048 bf16 head, 1 GB for 128k x 4096) is never resident whole. The logits are the same
+    numbers: each is still one row's product with the hidden state."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    w = getattr(head, "weight", None)
+    if type(head) is not nn.Linear or not isinstance(w, torch.Tensor) or not w.is_contiguous() or not maps_a_file(w):
+        yield
+        return
+    rows = max(1, HEAD_SLICE_BYTES // (w.shape[1] * w.element_size()))
+
+    def forward(x):
+        out = None
+        for s in range(0, w.shape[0], rows):
+            part = w[s : s + rows]
+            y = nn.functional.linear(x, part, None if head.bias is None else head.bias[s : s + rows])
+            if out is None:
+                out = y.new_empty(*y.shape[:-1], w.shape[0])
+            out[..., s : s + rows] = y
+            give_file_pages_back([part])
+        return out
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
 def _logits_after_layers(model, layers: nn.ModuleList, ids: torch.Tensor, hidden: torch.Tensor, stack_name: str | None = None,
                          grad: bool = False) -> torch.Tensor:
     """The model's logits on ``ids`` given its last decoder layer's output (the rest of the forward as usual): float32 on
@@ -617,10 +663,11 @@ def _logits_after_layers(model, layers: nn.ModuleList, ids: torch.Tensor, hidden
     original = getattr(parent, attr)
     setattr(parent, attr, nn.ModuleList([_Replay(hidden, layers[0])]))
     try:
-        if grad:
-            return model(ids, use_cache=False).logits.float()
-        with torch.no_grad():
-            return model(ids, use_cache=False).logits.float().cpu()
+        with _head_in_slices(model):
+            if grad:
+                return model(ids, use_cache=False).logits.float()
+            with torch.no_grad():
+                return model(ids, use_cache=False).logits.float().cpu()
     finally:
         setattr(parent, attr, original)
 
@@ -680,6 +727,7 @@ class LayeredReload:
         if without_repacking:
             without_cpu_repacking(self.model)
         self.reader = CheckpointReader(self.folder)
+        give_memory_back()  # what loading left on the heap
 
     def load_layer(self, i: int) -> nn.Module:
         """Decoder layer ``i`` (1 or more) built and filled as transformers would (on the meta device until now)."""

@@ -19,6 +19,71 @@ def test_pack_unpack_round_trip(shape):
     assert torch.equal(unpack_4bit(packed, shape), codes)
 
 
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 31, 33, 48])
+def test_packing_a_slice_at_a_time_gives_the_same_bytes(monkeypatch, n):
+    import llmquant.quantized as q
+
+    def expected(c):
+        padded = torch.cat([c, c.new_zeros(c.numel() % 2)])
+        return ((padded[0::2] << 4) | padded[1::2]).unsqueeze(1)  # first code in the high nibble
+
+    codes = torch.randint(0, 16, (n + 1,), dtype=torch.uint8)
+    monkeypatch.setattr(q, "PACK_CHUNK", 4)  # pairs per slice: several slices, a short last one
+    assert torch.equal(pack_4bit(codes[:n]), expected(codes[:n]))
+    assert torch.equal(pack_4bit(codes[1:]), expected(codes[1:]))  # not on a 16-bit boundary: packed byte by byte
+
+
+def test_a_dropped_4bit_layer_is_freed_at_once_once_unlinked():
+    import gc
+    import weakref
+
+    from llmquant.backends.bnb import unlink
+
+    qw = rtn_4bit(_weight(), FourBit(format="nf4"), torch.float32)
+    gc.disable()
+    try:
+        kept = build_module(qw, None, torch.float32, "cpu")
+        ref = weakref.ref(kept)
+        del kept
+        assert ref() is not None  # bitsandbytes' parameter refers back to its layer: only the cycle collector frees it
+        gc.collect()
+        dropped = build_module(qw, None, torch.float32, "cpu")
+        ref = weakref.ref(dropped)
+        unlink(dropped)
+        del dropped
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_bitsandbytes_imported_without_the_compiler_still_dequantizes_through_its_fallback():
+    """Imported through llmquant, bitsandbytes' pure-PyTorch fallbacks stay plain functions: Inductor is not imported,
+    torch.compile is left as it was, and the fallback (taken for an odd number of columns) gives bitsandbytes' values."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "compile_ = torch.compile\n"
+        "from llmquant.memory import import_bitsandbytes\n"
+        "bnb = import_bitsandbytes()\n"
+        "assert torch.compile is compile_\n"
+        "assert 'torch._inductor.compile_fx' not in sys.modules, 'inductor imported'\n"
+        "import bitsandbytes.functional as F\n"
+        "from llmquant.quantized import codebook, unpack_4bit\n"
+        "w = torch.randn(6, 63)\n"
+        "packed, qs = F.quantize_4bit(w, blocksize=64, quant_type='nf4')\n"
+        "back = F.dequantize_4bit(packed, qs)\n"
+        "codes = unpack_4bit(packed, (w.numel(),)).long()\n"
+        "blocks = torch.arange(w.numel()) // 64\n"
+        "ref = (codebook('nf4')[codes] * qs.absmax[blocks]).view(6, 63)\n"
+        "assert torch.equal(back, ref), (back - ref).abs().max()\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 def _weight(out=128, inp=256, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=g) * 0.05
