@@ -138,12 +138,16 @@ def test_pages_of_a_tensor_that_maps_a_file_are_given_back_and_its_values_stay(t
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only")
 def test_a_head_that_maps_the_checkpoint_multiplies_a_slice_at_a_time_with_the_same_logits(tmp_path, monkeypatch):
+    import platform
+
     import transformers as tf
     from transformers import AutoModelForCausalLM
 
     from llmquant import stream
     from llmquant.memory import maps_a_file
 
+    if tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit()) < (5, 4):
+        pytest.skip("MADV_PAGEOUT needs Linux 5.4")
     cfg = tf.LlamaConfig(hidden_size=1024, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=8,
                          num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -175,7 +179,7 @@ def test_a_head_that_maps_the_checkpoint_multiplies_a_slice_at_a_time_with_the_s
     assert max(resident) - resident[0] < 5 * 1024, resident
     assert (sliced - whole).abs().max() <= 1e-2 * whole.abs().max()  # each logit still one row's product
     assert torch.equal(stream._logits_after_layers(model, model.model.layers, ids, last["h"]), sliced)
-    assert not hasattr(model.get_output_embeddings(), "forward") or "forward" not in vars(model.get_output_embeddings())
+    assert "forward" not in vars(model.get_output_embeddings())  # the head's own forward is back
 
 
 @pytest.mark.parametrize("arch", ARCHS)
