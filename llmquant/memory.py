@@ -61,11 +61,11 @@ def give_file_pages_back(tensors) -> int:
     page = mmap.PAGESIZE
     done = 0
     for t in tensors:
-        if t is None or t.device.type != "cpu" or t.numel() == 0:
+        if t is None or not t.is_contiguous() or not maps_a_file(t):
             continue
         start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
         lo, hi = -(-start // page) * page, end // page * page  # only the pages that hold nothing else
-        if hi <= lo or not t.is_contiguous() or not _file_mapping(start, end):
+        if hi <= lo:
             continue
         if madvise(lo, hi - lo, MADV_PAGEOUT) == 0:
             done += hi - lo

@@ -798,8 +798,8 @@ class LayeredReload:
         its tokens alone, the comparison all of them: so they are not held in memory while the layers run)."""
         yield from logits_layer_by_layer(self.model, self.stack, len(self.layers), batches,
                                          lambda i: self.layer(i, compare), self.device, desc)
-        # the head's pages read by the forward (a tensor loaded as a view of the file), before the comparison reads
-        # the embeddings'
+        # the pages the forward read of tensors that are views of the file (the embeddings' rows for its tokens; a
+        # head that maps the file gave its own back a slice at a time), before the comparison reads the embeddings
         give_file_pages_back([*self.model.parameters(), *self.model.buffers()])
         if compare is not None:
             compare(self.model, None)

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,15 @@ def test_only_tensors_still_as_read_are_copied_from_the_source_file(tmp_path):
     reader.close()
 
 
+def _kernel_release() -> tuple[int, ...]:
+    return tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
+
+
+# resident pages read per mapping (/proc/self/smaps), given back with MADV_PAGEOUT (Linux 5.4)
+needs_pageout = pytest.mark.skipif(not Path("/proc/self/smaps").exists() or _kernel_release() < (5, 4),
+                                   reason="needs Linux 5.4 (MADV_PAGEOUT, /proc/self/smaps)")
+
+
 def _mapped_kb(path: Path) -> int:
     """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
     kb, inside = 0, False
@@ -108,16 +118,12 @@ def _mapped_kb(path: Path) -> int:
     return kb
 
 
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only")
+@needs_pageout
 def test_pages_of_a_tensor_that_maps_a_file_are_given_back_and_its_values_stay(tmp_path):
-    import platform
-
     from safetensors import safe_open
 
     from llmquant.memory import give_file_pages_back
 
-    if tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit()) < (5, 4):
-        pytest.skip("MADV_PAGEOUT needs Linux 5.4")
     torch.manual_seed(0)
     path = tmp_path / "t.safetensors"
     save_file({"t": torch.randn(4096, 2048, dtype=torch.bfloat16)}, str(path))  # 16 MiB
@@ -136,18 +142,14 @@ def test_pages_of_a_tensor_that_maps_a_file_are_given_back_and_its_values_stay(t
     assert torch.equal(anonymous, copy)
 
 
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only")
+@needs_pageout
 def test_a_head_that_maps_the_checkpoint_multiplies_a_slice_at_a_time_with_the_same_logits(tmp_path, monkeypatch):
-    import platform
-
     import transformers as tf
     from transformers import AutoModelForCausalLM
 
     from llmquant import stream
     from llmquant.memory import maps_a_file
 
-    if tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit()) < (5, 4):
-        pytest.skip("MADV_PAGEOUT needs Linux 5.4")
     cfg = tf.LlamaConfig(hidden_size=1024, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=8,
                          num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=False)
     torch.manual_seed(0)
