@@ -39,7 +39,7 @@ from .plan import Plan, PlanEntry, quantizable
 from .quantize import install, layer_weight, quantize_layer
 from .quantized import QuantizedWeight
 from .schemes import Int8, Keep
-from .memory import give_memory_back
+from .memory import give_file_pages_back, give_memory_back
 
 
 def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -195,8 +195,8 @@ class _Inputs:
 
     def finish(self) -> None:
         """Once every window is in (and summed over the processes): H = XᵀX / tokens in float32, the upper
-        triangle's sums mirrored, each block of sums dropped as soon as it is in (so the float64 sums and the
-        float32 matrix are never both whole)."""
+        triangle's sums mirrored, each block of sums dropped, and given back, as soon as it is in (so the float64 sums
+        and the float32 matrix are never both whole)."""
         if not self.parts:
             return
         n = self.parts[-1].shape[0]
@@ -207,6 +207,7 @@ class _Inputs:
             h[j : j + s, :j] = part[:j].t()
             h[j : j + s, j : j + s] = part[j:].triu() + part[j:].triu(1).t()
             del part
+            give_memory_back()  # the block's sums (heap-sized) as they go: the matrix's pages come as it is filled
         self.h = h
 
     @property
@@ -484,6 +485,8 @@ class SequentialCalibrator:
                     install(self.model, self.entries[n], qw, self.plan.model_dtype)
                     self.chosen[n] = qw
                 give_memory_back()  # the solver's n x n temporaries, before the next batch's
+                # a streamed layer's weights map the checkpoint: the pages of those now replaced go now, not with the layer
+                give_file_pages_back(layer_weight(m) for m in modules)
 
         if floats:
             report["tune"] = self._tune(layer, prefix, names, floats, inputs, float_out if model_out is None else model_out)

@@ -118,6 +118,49 @@ def atomic_output(out: Path, overwrite: bool):
         raise
 
 
+@contextlib.contextmanager
+def output_lock(out: Path, take: bool = True):
+    """Hold ``.OUT.llmquant-lock`` beside the output for a run: a second run into the same output (which would
+    clear the first one's work folder and activations under it) is refused at once. With ``take`` False (the
+    other processes of a distributed run, whose process 0 holds it) nothing is locked."""
+    import fcntl
+
+    if not take:
+        yield
+        return
+    out = Path(out).absolute()
+    path = out.parent / f".{out.name}.llmquant-lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise UserError(f"output folder {str(out)!r} is being written by another llmquant run (process {holder}); "
+                                "wait for it to finish, or choose another output.dir") from None
+            try:  # the holder before us may have removed the file between our open and our lock: lock the one there now
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+    except OSError as e:
+        raise UserError(f"cannot write the output under {str(out.parent)!r}: {e.strerror or e}; "
+                        "choose an output folder you can write to") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
 def keep_unchecked(tmp: Path, out: Path) -> Path:
     """Move a written export whose check failed beside ``out`` (visible, never cleaned up automatically)."""
     kept = out.absolute().parent / f"{out.name}.unchecked-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"

@@ -11,7 +11,7 @@ import platform
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from .evaluate import Evaluation, ModelResult, check_tasks, linear_size, planned
 from .errors import UserError
 from .errors import ExportCheckError
 from .export import (MARKER_FILE, ExportCheck, atomic_output, check_output_dir, keep_in_fp32_modules, keep_unchecked, logits_on,
-                     model_device, probe_ids, probe_summary, safetensors_bytes, verify_export, verify_streamed_export,
+                     model_device, output_lock, probe_ids, probe_summary, safetensors_bytes, verify_export, verify_streamed_export,
                      write_checkpoint, write_streamed_checkpoint)
 from .memory import give_memory_back, import_bitsandbytes
 from .models import (TOKENIZER_FILES, fingerprint, has_tokenizer, load_config, load_model, load_tokenizer, pick_device, resolve_dtype,
@@ -70,7 +70,11 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, p
         if tuned:
             raise UserError(f"method {tuned[0]} tunes each decoder layer in one process: run it as one process")
         return _run_distributed(recipe, console, log, progress)
-    return _run(recipe, dry_run, console, log, progress)
+    if dry_run:
+        return _run(recipe, dry_run, console, log, progress)
+    check_output_dir(Path(recipe.output.dir), recipe.output.overwrite)  # a bad output is refused before it is locked
+    with output_lock(Path(recipe.output.dir)):
+        return _run(recipe, dry_run, console, log, progress)
 
 
 def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: torch.device | None = None) -> RunResult:
@@ -306,7 +310,16 @@ def _run_distributed(recipe: Recipe, console, log, progress: bool) -> RunResult:
         if distributed.rank() != 0:
             console = log = Console(file=io.StringIO())
             progress = False
-        return _run(recipe, False, console, log, progress, device)
+        with ExitStack() as held:
+            refused = None
+            try:  # process 0 locks the output for the whole run; every process learns whether it could
+                held.enter_context(output_lock(Path(recipe.output.dir), take=distributed.rank() == 0))
+            except UserError as e:
+                refused = e
+            if distributed.min_int(0 if refused else 1) == 0:
+                raise refused or UserError(f"output folder {recipe.output.dir!r} is being written by another llmquant run "
+                                           "(process 0 found it locked); wait for it to finish, or choose another output.dir")
+            return _run(recipe, False, console, log, progress, device)
     finally:
         distributed.stop()
 
@@ -347,6 +360,9 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
         c = recipe.calibration
         windows = calibration_windows(tokenizer, calib_text.text, c.nsamples, c.seqlen, c.seed)
         calibrator = SequentialCalibrator(model, plan, windows, c, device, progress, log.print)
+        if evaluation is None:  # not held while the layers are calibrated (a 49k vocabulary: 0.04 GB); loaded again to write
+            tokenizer = None
+            give_memory_back()
     try:
         streamer = StreamedQuantizer(model, plan, reader, work, device, ids, calibrator, progress, log.print)
         logits = streamer.run()
@@ -387,7 +403,8 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
 
     try:
         _export(result, src, time.perf_counter(), t_start, log,
-                write=lambda tmp: write_streamed_checkpoint(tmp, work, model, tokenizer, plan, parse_size(recipe.output.max_shard_size),
+                write=lambda tmp: write_streamed_checkpoint(tmp, work, model, tokenizer or load_tokenizer(src, m.trust_remote_code), plan,
+                                                            parse_size(recipe.output.max_shard_size),
                                                             extra_files={"recipe.yaml": recipe.to_yaml()}),
                 check=lambda tmp: verify_streamed_export(tmp, plan, ids, logits, device, streamer.lean_check),
                 probe=lambda: probe_summary(ids, logits, device, not streamer.lean_check), results=results,

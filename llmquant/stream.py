@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .memory import give_file_pages_back, give_memory_back, maps_a_file
+from .memory import give_file_pages_back, give_memory_back, maps_a_file, steady_heap
 from .backends.bnb import unlink, without_cpu_repacking
 from .calibrate import DiskWindows, _first, _to, drop_windows, first_layer_input
 from .errors import UserError
@@ -356,6 +356,8 @@ class StreamedQuantizer:
         n = len(layers)
         prefixes = [f"{stack_name}.{i}" for i in range(n)]
         start = 0
+        if self.calibrator is not None:
+            steady_heap()  # a calibrated layer's temporaries given back as they go (see memory.steady_heap)
         if self.calibrator is not None and self.calibrator.spec.activations == "disk":
             self.calibrator.activations_dir = self.work.path / f"activations{self.work._who()}"
             self._check_disk_space()

@@ -71,3 +71,17 @@ def test_a_run_over_several_processes_needs_something_to_share(tiny_dirs, tmp_pa
     assert proc.returncode != 0
     assert "this recipe calibrates nothing; run it as one process" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_over_several_processes_into_an_output_another_run_writes_is_refused(tiny_dirs, tmp_path):
+    from llmquant.export import output_lock
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT * 4)
+    rf = tmp_path / "two.yaml"
+    rf.write_text(yaml.safe_dump(_recipe(tiny_dirs("llama"), tmp_path / "out", calib, "gptq")))
+    with output_lock(tmp_path / "out"):  # as a running llmquant holds it
+        proc = _torchrun(rf)
+    assert proc.returncode != 0
+    assert f"is being written by another llmquant run (process {os.getpid()})" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "two.yaml"]  # nothing started, the lock given back

@@ -195,6 +195,21 @@ def test_killed_or_interrupted_runs_never_leave_a_partial_export(tiny_dirs, tmp_
     assert json.loads((out / "config.json").read_text())["quantization_config"]["load_in_4bit"]
 
 
+def test_a_second_run_into_an_output_being_written_is_refused(tiny_dirs, tmp_path):
+    from llmquant.errors import UserError
+    from llmquant.export import output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out):  # as a running llmquant holds it (a lock of its own open file, as another process's)
+        with pytest.raises(UserError, match=rf"'{out}' is being written by another llmquant run \(process {os.getpid()}\); wait"):
+            export(tiny_dirs("llama"), out)
+        assert [p.name for p in tmp_path.iterdir()] == [".out.llmquant-lock"]  # nothing of the refused run
+    assert not list(tmp_path.iterdir())  # given back, the file removed
+    (tmp_path / ".out.llmquant-lock").write_text("4242")  # left by a killed run: nobody holds it
+    export(tiny_dirs("llama"), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 # ---- damaged checkpoints ------------------------------------------------------------------
 
 

@@ -27,10 +27,10 @@ from .scale_search import LayerStats, stored_scales
 
 
 # Rows are solved a chunk at a time: GPTQ treats rows independently given the Hessian, so the weight-sized
-# temporaries (the float copy being compensated, its permuted copy, the compensation product) are those of a
-# chunk of about this many weights (64 MB in float32), whatever the layer's size. A multiple of the scale
+# temporaries (the float copy being compensated and the permuted weight it is made from) are those of a chunk of
+# about this many weights (64 MB in float32), whatever the layer's size. A multiple of the scale
 # search's chunk, so that its row chunks are the ones it would take over the whole weight.
-GPTQ_CHUNK_WEIGHTS = 4 * SEARCH_CHUNK_WEIGHTS
+GPTQ_CHUNK_WEIGHTS = 16 * SEARCH_CHUNK_WEIGHTS
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: float = 0.01, act_order: bool = True,
@@ -106,7 +106,7 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
         compensated = torch.zeros((), dtype=torch.float64, device=w.device)  # Σ e², e: each rounding error / hinv[i, i]
         squared = torch.zeros((), dtype=torch.float64, device=w.device)  # ‖W - Q‖²
         for r in range(0, w.shape[0], rows):
-            _solve_rows(_rows(w, r, rows, dead)[:, perm], sc[r : r + rows], codes[r : r + rows],
+            _solve_rows(_rows(w, r, rows, dead, perm), sc[r : r + rows], codes[r : r + rows],
                         None if rounded is None else rounded[r : r + rows], hinv, perm, h, cb, g, static, grid, min_ratio,
                         compensated)
             squared += _squared_error(w, codes, sc, r, min(r + rows, w.shape[0]), dead, scheme, g, dtype)
@@ -118,9 +118,13 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
     return out
 
 
-def _rows(w: torch.Tensor, start: int, count: int, dead: torch.Tensor) -> torch.Tensor:
-    """Rows ``start : start + count`` of ``w`` as a float32 copy, inputs that were always zero zeroed."""
-    part = w[start : start + count].detach().to(torch.float32, copy=True)
+def _rows(w: torch.Tensor, start: int, count: int, dead: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``start : start + count`` of ``w`` as a float32 copy, inputs that were always zero zeroed; with ``perm``,
+    its columns in that order (permuted before the copy widens them: one float32 copy at a time)."""
+    part = w[start : start + count].detach()
+    if perm is not None:
+        part, dead = part[:, perm], dead[perm]
+    part = part.to(torch.float32, copy=True)
     part[:, dead] = 0.0
     return part
 
@@ -176,7 +180,7 @@ def _solve_rows(w: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor, roun
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
         compensated += err1.square().sum(dtype=torch.float64)
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)  # in place: no weight-sized product
 
 
 def _block_scale(blk: torch.Tensor, hb: torch.Tensor, cb: torch.Tensor, grid: int, min_ratio: float) -> torch.Tensor:

@@ -54,7 +54,8 @@ def diagonal_blocks(h: torch.Tensor, group: int) -> torch.Tensor:
     return h[rows[:, :, None], rows[:, None, :]]
 
 
-SEARCH_CHUNK_WEIGHTS = 1 << 22
+# rows are searched a few at a time: each search's float32 temporaries (a dozen weight-sized ones) are 4 MB each
+SEARCH_CHUNK_WEIGHTS = 1 << 20
 
 
 def search_block_scales(w: torch.Tensor, h: torch.Tensor | None, group: int, quant_type: str,
