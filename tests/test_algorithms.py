@@ -7,7 +7,8 @@ import bitsandbytes.functional as F
 from llmquant.algorithms import ALGORITHMS
 from llmquant.algorithms.awq import llm_int8_activations, llm_int8_output, search_scales
 from llmquant.algorithms.grid import diagonal_blocks, round_4bit, search_block_scales
-from llmquant.algorithms.gptq import gptq, gptq_layers
+import llmquant.algorithms.gptq as gptq_module
+from llmquant.algorithms.gptq import _permute_in_place, gptq, gptq_layers, inverse_cholesky_upper
 from llmquant.algorithms.rtn import rtn_4bit, rtn_int8
 from llmquant.algorithms.scale_search import LayerStats
 from llmquant.backends.bnb import build_module, quant_state
@@ -60,8 +61,6 @@ def test_gptq_on_layers_sharing_inputs_equals_gptq_of_each(scheme):
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
 @pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
 def test_gptq_solved_a_chunk_of_rows_at_a_time_equals_all_rows_at_once(scheme, act_order, monkeypatch):
-    import llmquant.algorithms.gptq as gptq_module
-
     w, h, _ = layer(out=200)
     h[:, 7] = h[7, :] = 0.0  # an input that was always zero
     whole = gptq_layers([w[:120], w[120:]], h, scheme, torch.float32, act_order=act_order, latent=True)
@@ -78,7 +77,6 @@ def test_gptq_solved_a_chunk_of_rows_at_a_time_equals_all_rows_at_once(scheme, a
 def test_gptq_output_error_is_the_error_of_its_weights(scheme, act_order, monkeypatch):
     """The output error GPTQ reports from its own solve (no Hessian kept for it) is tr(E H Eᵀ) of the weights it
     stored, whatever the scales (static or chosen block by block), the chunking and a dead input."""
-    import llmquant.algorithms.gptq as gptq_module
 
     from llmquant.algorithms.grid import quadratic_error
 
@@ -225,3 +223,40 @@ def test_rtn_by_row_chunks_is_bitsandbytes_quantization(monkeypatch, fmt, double
             assert torch.equal(qw.nested.offset, qs.offset)
         else:
             assert torch.equal(qw.scales, qs.absmax.float())
+
+
+@pytest.mark.parametrize("n,block", [(1, 512), (7, 512), (130, 16), (300, 64), (1100, 512)])
+def test_the_in_place_factoring_is_the_inverse_hessians_upper_cholesky_factor(n, block):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n + 3, n, generator=g) * torch.linspace(0.1, 3.0, n)  # inputs of different loudness
+    h = x.t() @ x / len(x) + 0.01 * torch.eye(n)
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # as GPTQ did it
+    a = h.clone()
+    u = inverse_cholesky_upper(a, block=block)
+    assert u.data_ptr() == a.data_ptr()  # in the matrix's own memory
+    assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
+    assert torch.allclose(u, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert torch.allclose(u.t() @ u @ h, torch.eye(n), atol=1e-3)
+
+
+def test_permuting_in_place_equals_indexing():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(301, 301, generator=g)
+    a = a + a.t()
+    for perm in (torch.randperm(301, generator=g), torch.arange(301), torch.arange(300, -1, -1)):
+        assert torch.equal(_permute_in_place(a.clone(), perm, rows=64), a[perm.unsqueeze(1), perm.unsqueeze(0)])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+def test_gptq_handed_its_hessian_consumes_it_and_chooses_the_same_weights(scheme, act_order, monkeypatch):
+    monkeypatch.setattr(gptq_module, "FACTOR_BLOCK", 96)  # several blocks of the in-place factoring
+    w, h, _ = layer()
+    kept = h.clone()
+    mine = gptq_layers([w], h, scheme, torch.float32, act_order=act_order)[0]
+    assert torch.equal(h, kept)  # the caller's Hessian is left as it was
+    handed = gptq_layers([w], h, scheme, torch.float32, act_order=act_order, owned=True)[0]
+    dynamic = not act_order and isinstance(scheme, FourBit) and not scheme.double_quant  # block scales read h later
+    assert torch.equal(h, kept) == dynamic  # else permuted and factored in place
+    assert torch.equal(handed.dequantize(), mine.dequantize())
+    assert handed.output_error == pytest.approx(mine.output_error, rel=1e-6)

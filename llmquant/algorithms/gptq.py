@@ -48,15 +48,17 @@ def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: flo
 
 def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: torch.dtype, damp: float = 0.01,
                 act_order: bool = True, grid: int = 20, min_ratio: float = 0.5, scales: list[torch.Tensor] | None = None,
-                latent: bool = False) -> list[QuantizedWeight]:
+                latent: bool = False, owned: bool = False) -> list[QuantizedWeight]:
     """GPTQ of several layers reading the same input (same ``h``): the inverse Hessian is factored once and
     every layer's rows are solved with it, a chunk of rows at a time. GPTQ treats rows independently given
     ``h``, so this equals quantizing each layer alone; each layer's scales are chosen and stored per layer.
 
     Each result's ``output_error`` is ``tr(E H Eᵀ)`` for its error ``E = W - Q``, taken from the solve itself (the
     rounding errors it compensates sum to that quantity for the damped ``H``; the damping's share is taken off), so
-    that ``h`` is not needed once factored: with static scales the caller may hand it over (no other reference
-    kept), and it is freed before the solve, one ``n x n`` matrix less at the peak."""
+    that ``h`` is not needed once factored: with static scales the caller may hand it over (``owned``: no other
+    reference kept, its values no longer needed), and it is then permuted and factored in its own memory, so that
+    one ``n x n`` matrix (and a few blocks) is all the factoring holds."""
+    given = h
     h = h.float()
     n = h.shape[0]
     dead = torch.diag(h) == 0
@@ -89,15 +91,17 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
     # process's memory until trimmed) go back before the n x n matrices of the factoring are made.
     give_memory_back()
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n, device=h.device)
-    hp = h[perm.unsqueeze(1), perm.unsqueeze(0)]
+    mine = static and (owned or h is not given)  # nobody reads h again: permuted and factored in its own memory
+    if not act_order:
+        hp = h if mine else h.clone()
+    else:
+        hp = _permute_in_place(h, perm) if mine else h[perm.unsqueeze(1), perm.unsqueeze(0)]
     if static:
         h = None  # only dynamic block scales read it again; n x n floats each copy, so hold as few as can be
     lam = damp * torch.mean(torch.diag(hp))
     hp.diagonal().add_(lam)
-    hinv = torch.linalg.cholesky(hp)
+    hinv = inverse_cholesky_upper(hp)  # in hp's memory: one n x n matrix, not two, while factoring
     del hp
-    hinv = torch.cholesky_inverse(hinv)
-    hinv = torch.linalg.cholesky(hinv, upper=True)
 
     out = []
     for w, (sc, nested) in zip(weights, chosen):
@@ -116,6 +120,76 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
         q.output_error = max(float(compensated - lam * squared), 0.0)
         out.append(q)
     return out
+
+
+# ---- the factoring, in place -------------------------------------------------------------
+
+# Blocks of the in-place factoring: its temporaries are a few n x FACTOR_BLOCK panels.
+FACTOR_BLOCK = 512
+
+
+def inverse_cholesky_upper(a: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """The upper Cholesky factor ``U`` of ``a⁻¹`` (``a⁻¹ = Uᵀ U``, what GPTQ's column updates read), computed in
+    ``a``'s own memory (``a`` symmetric positive definite, float, consumed; returned).
+
+    With ``J`` the reversal of rows and columns and ``L`` the lower Cholesky factor of ``J a J``,
+    ``a⁻¹ = J L⁻ᵀ L⁻¹ J = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular with a positive diagonal:
+    it is ``U``. ``L`` and then ``L⁻¹`` are computed a block of columns at a time over ``a`` itself, so the
+    factoring holds one ``n x n`` matrix where factoring, inverting and factoring again (torch's
+    ``cholesky``, ``cholesky_inverse``, ``cholesky``) hold two; equal to that up to float32 rounding (a test checks).
+    """
+    n, block = a.shape[0], block or FACTOR_BLOCK
+    _reverse(a)
+    for k in range(0, n, block):  # the lower factor, right-looking: factor a diagonal block, solve its panel, update
+        e = min(k + block, n)
+        d = torch.linalg.cholesky(a[k:e, k:e])
+        a[k:e, k:e] = d
+        a[k:e, e:] = 0.0
+        if e < n:
+            a[e:, k:e] = torch.linalg.solve_triangular(d.t(), a[e:, k:e], upper=True, left=False)
+            for j in range(e, n, block):  # only the trailing matrix's lower block columns are read again
+                a[j:, j : j + block].addmm_(a[j:, k:e], a[j : j + block, k:e].t(), alpha=-1)
+    for k in reversed(range(0, n, block)):  # its inverse, from the bottom-right block up
+        e = min(k + block, n)
+        dinv = torch.linalg.solve_triangular(a[k:e, k:e], torch.eye(e - k, dtype=a.dtype, device=a.device), upper=False)
+        a[k:e, k:e] = dinv
+        if e < n:  # the panel below: -(the trailing inverse) @ panel @ dinv
+            a[e:, k:e] = (a[e:, e:] @ a[e:, k:e]) @ dinv.neg_()
+    _reverse(a)
+    return a
+
+
+def _reverse(a: torch.Tensor) -> None:
+    """``a <- J a J`` in place: rows and columns in reverse order, a row's copy at a time."""
+    n = a.shape[0]
+    for i in range(n // 2):
+        top = a[i].flip(0)
+        a[i] = a[n - 1 - i].flip(0)
+        a[n - 1 - i] = top
+    if n % 2:
+        a[n // 2] = a[n // 2].flip(0)
+
+
+def _permute_in_place(a: torch.Tensor, perm: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``a[perm][:, perm]`` in ``a``'s own memory: rows moved along the permutation's cycles (one row set aside per
+    cycle), then each slice of ``rows`` rows has its columns permuted through a slice-sized copy."""
+    p = perm.tolist()
+    done = [False] * len(p)
+    for start in range(len(p)):
+        if done[start]:
+            continue
+        done[start] = True
+        if p[start] == start:
+            continue
+        first, i = a[start].clone(), start
+        while p[i] != start:  # new row i is old row p[i]
+            a[i] = a[p[i]]
+            i = p[i]
+            done[i] = True
+        a[i] = first
+    for r in range(0, a.shape[0], rows):
+        a[r : r + rows] = a[r : r + rows][:, perm]
+    return a
 
 
 def _rows(w: torch.Tensor, start: int, count: int, dead: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
@@ -209,8 +283,9 @@ class GPTQ(Algorithm):
                       stats: LayerStats | None = None) -> list[QuantizedWeight]:
         if isinstance(scheme, Keep):
             return super().quantize_many(weights, scheme, dtype, stats)
+        owned = stats is not None and stats.owned
         return gptq_layers(weights, _hessian(stats, weights[0], take=True), scheme, dtype, latent=self.keep_latent,
-                           **_options(stats))
+                           owned=owned, **_options(stats))
 
 
 def _hessian(stats: LayerStats | None, weight: torch.Tensor, take: bool = False) -> torch.Tensor:
