@@ -310,15 +310,16 @@ def _run_distributed(recipe: Recipe, console, log, progress: bool) -> RunResult:
         if distributed.rank() != 0:
             console = log = Console(file=io.StringIO())
             progress = False
+        check_output_dir(Path(recipe.output.dir), recipe.output.overwrite)  # a bad output is refused before it is locked
         with ExitStack() as held:
             refused = None
-            try:  # process 0 locks the output for the whole run; every process learns whether it could
+            try:  # process 0 locks the output for the whole run; every process learns whether it could, and why not
                 held.enter_context(output_lock(Path(recipe.output.dir), take=distributed.rank() == 0))
             except UserError as e:
                 refused = e
-            if distributed.min_int(0 if refused else 1) == 0:
-                raise refused or UserError(f"output folder {recipe.output.dir!r} is being written by another llmquant run "
-                                           "(process 0 found it locked); wait for it to finish, or choose another output.dir")
+            why = distributed.from_rank(None if refused is None else str(refused), 0)
+            if why is not None:
+                raise refused or UserError(why)
             return _run(recipe, False, console, log, progress, device)
     finally:
         distributed.stop()
