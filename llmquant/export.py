@@ -252,10 +252,16 @@ def _check_against_plan(sd: dict[str, torch.Tensor], plan: Plan) -> None:
     missing, extra = set(specs) - set(sd), set(sd) - set(specs)
     assert not missing and not extra, f"checkpoint tensors differ from the plan: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}"
     for name, (shape, dtype) in specs.items():
-        if ".quant_state." in name:
-            continue  # packed JSON, its length is only estimated
         t = sd[name]
         assert tuple(t.shape) == shape and t.dtype == dtype, f"{name}: {tuple(t.shape)} {t.dtype}, plan says {shape} {dtype}"
+
+
+def export_files(plan: Plan, max_shard_size: int):
+    """The export's safetensors files as laid out from the plan alone (:class:`~llmquant.stream.ShardFiles`): every
+    tensor's dtype and shape is planned exactly, in the export's order."""
+    from .stream import ShardFiles
+
+    return ShardFiles({n: (dtype, shape) for n, (shape, dtype) in plan.tensor_specs().items()}, max_shard_size)
 
 
 def save_safetensors(sd: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> list[str]:
@@ -265,62 +271,31 @@ def save_safetensors(sd: dict[str, torch.Tensor], folder: Path, max_shard_size: 
 def write_shards(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], get, folder: Path, max_shard_size: int) -> list[str]:
     """Split tensors (in ``specs`` order) into shards of at most ``max_shard_size`` as transformers does, and
     write each shard one tensor at a time (``get(name)``), with ``model.safetensors.index.json`` when sharded."""
-    from huggingface_hub import split_state_dict_into_shards_factory
+    from .stream import ShardFiles
 
-    from .stream import _nbytes, write_safetensors
-
-    split = split_state_dict_into_shards_factory(
-        specs, get_storage_size=lambda spec: _nbytes(*spec), filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
-    )
-    for filename, names in split.filename_to_tensors.items():
-        # files get the permissions any other output gets (the user's umask), readable by a team or a server
-        write_safetensors(folder / filename, {n: specs[n] for n in names}, get, metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return sorted(split.filename_to_tensors)
+    files = ShardFiles(specs, max_shard_size)
+    files.create(folder, Path(folder).absolute().parent)
+    for name in specs:
+        files.put(folder, {name: get(name)})
+    return files.write_index(folder)
 
 
 def write_checkpoint(folder: Path, model: nn.Module, tokenizer, plan: Plan, chosen: dict[str, QuantizedWeight],
                      max_shard_size: int, extra_files: dict[str, str] | None = None) -> list[str]:
     """Weights, config.json (with the quantization_config), generation config and tokenizer."""
-    shards = save_safetensors(collect_tensors(model, plan, chosen), folder, max_shard_size)
+    sd = collect_tensors(model, plan, chosen)  # checked against the plan: the streamed export's layout
+    shards = save_safetensors({n: sd[n] for n in plan.tensor_specs()}, folder, max_shard_size)
     write_model_files(folder, model, tokenizer, plan, extra_files)
     return shards
 
 
-def write_streamed_checkpoint(folder: Path, work, model: nn.Module, tokenizer, plan: Plan, max_shard_size: int,
+def write_streamed_checkpoint(folder: Path, work, model: nn.Module, tokenizer, plan: Plan,
                               extra_files: dict[str, str] | None = None) -> list[str]:
-    """:func:`write_checkpoint` from a streamed run's work folder: the same tensors, order and shards, so the same
-    bytes, read one tensor at a time."""
-    from .stream import tensor_ranges
-
-    where, order, specs = {}, [], {}
-    for step in work.steps():
-        ranges, metadata = tensor_ranges(work.path / f"{step}.safetensors")
-        for k in json.loads(metadata["order"]):
-            where[k], specs[k] = ranges[k], (ranges[k].dtype, ranges[k].shape)
-            order.append(k)
-    # the in-memory export's order: every planned layer's tensors, then the other tensors
-    rank = {e.name: i for i, e in enumerate(plan.entries)}
-    other = {n: len(rank) + i for i, n in enumerate(plan.other_tensors)}
-    written = {k: i for i, k in enumerate(order)}
-    specs = {k: specs[k] for k in sorted(order, key=lambda k: (other[k] if k in other else rank[_entry_of(k, rank)], written[k]))}
-    _check_against_plan({k: torch.empty(shape, dtype=dt, device="meta") for k, (dt, shape) in specs.items()}, plan)
-    get = where.__getitem__  # each tensor's bytes, copied from the work folder file to file
-
-    shards = write_shards(specs, get, folder, max_shard_size)
+    """:func:`write_checkpoint` from a streamed run's work folder, whose export files are laid out as the in-memory
+    export's (:func:`export_files`) and hold every tensor once the run is done: linked into ``folder``, not copied."""
+    shards = work.link_export(folder)
     write_model_files(folder, model, tokenizer, plan, extra_files)
     return shards
-
-
-def _entry_of(key: str, rank: dict[str, int]) -> str:
-    """The planned layer a checkpoint key belongs to (``layer.weight.absmax`` -> ``layer``)."""
-    parts = key.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        if ".".join(parts[:i]) in rank:
-            return ".".join(parts[:i])
-    raise KeyError(key)
 
 
 def write_model_files(folder: Path, model: nn.Module, tokenizer, plan: Plan, extra_files: dict[str, str] | None = None) -> None:

@@ -28,7 +28,7 @@ from .errors import UserError
 from .errors import ExportCheckError
 from .export import (MARKER_FILE, ExportCheck, atomic_output, check_output_dir, keep_in_fp32_modules, keep_unchecked, logits_on,
                      model_device, output_lock, probe_ids, probe_summary, safetensors_bytes, verify_export, verify_streamed_export,
-                     write_checkpoint, write_streamed_checkpoint)
+                     export_files, write_checkpoint, write_streamed_checkpoint)
 from .memory import give_memory_back, import_bitsandbytes
 from .models import (TOKENIZER_FILES, fingerprint, has_tokenizer, load_config, load_model, load_tokenizer, pick_device, resolve_dtype,
                      resolve_source)
@@ -344,7 +344,8 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
     t = time.perf_counter()
     key = WorkFolder.key(recipe.to_dict()["quantization"], recipe.to_dict().get("calibration"), fingerprint(src, model.config),
                          str(plan.model_dtype), device.type, [int(i) for i in ids[0]])
-    work = WorkFolder(out, key).open()
+    # the export's files, laid out from the plan and filled layer by layer (process 0 writes)
+    work = WorkFolder(out, key).open(export_files(plan, parse_size(recipe.output.max_shard_size)) if distributed.rank() == 0 else None)
     # evaluation is process 0's alone, as writing is
     evaluation = Evaluation(recipe.eval, tokenizer, progress, log.print, eval_text) if recipe.eval and distributed.rank() == 0 else None
     evaluated: dict[str, ModelResult] = {}
@@ -405,7 +406,6 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
     try:
         _export(result, src, time.perf_counter(), t_start, log,
                 write=lambda tmp: write_streamed_checkpoint(tmp, work, model, tokenizer or load_tokenizer(src, m.trust_remote_code), plan,
-                                                            parse_size(recipe.output.max_shard_size),
                                                             extra_files={"recipe.yaml": recipe.to_yaml()}),
                 check=lambda tmp: verify_streamed_export(tmp, plan, ids, logits, device, streamer.lean_check),
                 probe=lambda: probe_summary(ids, logits, device, not streamer.lean_check), results=results,

@@ -28,14 +28,12 @@ HEADER_BYTES_PER_TENSOR = 72
 
 
 def _quant_state_json_bytes(s: FourBit, shape: tuple[int, int], dtype: torch.dtype) -> int:
-    """Length of the packed QuantState JSON bitsandbytes stores beside a 4-bit weight (exact but for the
-    digits of the double-quantization offset, taken as 20)."""
-    d = {"quant_type": s.format, "blocksize": s.group_size, "dtype": str(dtype).removeprefix("torch."), "shape": list(shape)}
-    if s.double_quant:
-        d.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=0.123456789012345678)
-    import json
+    """Length of the packed QuantState JSON stored beside a 4-bit weight (see
+    :func:`llmquant.backends.bnb.quant_state_json_length`): exact, so every tensor of the export is known before
+    any is made."""
+    from .backends.bnb import quant_state_json_length
 
-    return len(json.dumps(d).encode())
+    return quant_state_json_length(s.format, s.group_size, dtype, shape, s.double_quant)
 
 
 def matches(pattern: str, name: str) -> bool:
@@ -97,10 +95,12 @@ class Plan:
         return [e for e in self.entries if e.quantized]
 
     def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        specs = dict(self.other_tensors)
+        """Every tensor of the checkpoint, in the export's order: each planned layer's (as bitsandbytes saves them),
+        then everything else."""
+        specs = {}
         for e in self.entries:
             specs.update({f"{e.name}.{k}": v for k, v in e.tensors.items()})
-        return specs
+        return specs | {k: v for k, v in self.other_tensors.items() if k not in specs}
 
     @property
     def total_bytes(self) -> int:
@@ -197,17 +197,15 @@ def entry_tensors(e: PlanEntry, model_dtype: torch.dtype) -> dict[str, tuple[tup
     """Tensors (relative name -> shape, dtype) one planned layer is saved as."""
     s, n, out = e.scheme, e.numel, e.out_features
     t: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    if isinstance(s, FourBit):
+    if isinstance(s, FourBit):  # in the order bitsandbytes' QuantState.as_dict(packed=True) gives them
         blocks = n // s.group_size
         t["weight"] = (((n + 1) // 2, 1), torch.uint8)
+        t["weight.absmax"] = ((blocks,), torch.uint8 if s.double_quant else torch.float32)
         t["weight.quant_map"] = ((16,), torch.float32)
-        t[f"weight.quant_state.bitsandbytes__{s.format}"] = ((_quant_state_json_bytes(s, (out, e.in_features), model_dtype),), torch.uint8)
         if s.double_quant:
-            t["weight.absmax"] = ((blocks,), torch.uint8)
             t["weight.nested_absmax"] = ((math.ceil(blocks / NESTED_BLOCKSIZE),), torch.float32)
             t["weight.nested_quant_map"] = ((256,), torch.float32)
-        else:
-            t["weight.absmax"] = ((blocks,), torch.float32)
+        t[f"weight.quant_state.bitsandbytes__{s.format}"] = ((_quant_state_json_bytes(s, (out, e.in_features), model_dtype),), torch.uint8)
     elif isinstance(s, Int8):
         t["weight"] = ((out, e.in_features), torch.int8)
         t["SCB"] = ((out,), torch.float32)

@@ -4,15 +4,18 @@ The model is built as a skeleton without memory (accelerate's ``init_empty_weigh
 parameters on the meta device). Each decoder layer in turn is read from the checkpoint's
 safetensors files (``safe_open``, one tensor at a time), put on the compute device,
 quantized (round to nearest, or calibrated on the outputs of the quantized layers before
-it), run on the fixed probe input, and written to a work folder beside the output as
-one small safetensors file; then it is freed. Embeddings, the final norm and the head
-are handled the same way. Peak memory is one layer (plus the calibration activations),
-whatever the size of the model.
+it), run on the fixed probe input, and its tensors written into the export's files;
+then it is freed. Embeddings, the final norm and the head are handled the same way.
+Peak memory is one layer (plus the calibration activations), whatever the size of the
+model.
 
-The work folder (``.OUT.llmquant-partial-KEY``) makes runs resumable: a run stopped
-during layer 57 of 80 restarts from layer 57 with the same result. The final
-checkpoint is assembled from it tensor by tensor (:func:`write_safetensors`), in the
-same order and shards as the in-memory export, so both are the same bytes.
+The export's files are laid out from the plan before anything is quantized (every
+tensor's dtype and shape is planned exactly: :class:`ShardFiles`), in the same order
+and shards as the in-memory export, so both are the same bytes; each tensor is written
+at its place once, as soon as it is made. They live in a work folder beside the output
+(``.OUT.llmquant-partial-KEY``) with a record of each finished layer, which makes runs
+resumable: a run stopped during layer 57 of 80 restarts from layer 57 with the same
+result. Once every layer is written the files are linked into the export.
 """
 
 from __future__ import annotations
@@ -46,11 +49,9 @@ _ST_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int
               torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
 
 
-def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], get, metadata: dict | None = None) -> None:
-    """Write a safetensors file byte for byte as ``safetensors.torch.save_file`` would, holding one tensor at a time.
-
-    ``specs`` gives each tensor's dtype and shape; ``get(name)`` returns the tensor when its turn comes.
-    """
+def _layout(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict | None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """A safetensors file laid out as ``safetensors.torch.save_file`` lays it out: its header (the length prefix
+    included) and each tensor's (start, end) in the file."""
     order = sorted(specs, key=lambda n: (-_DTYPE_RANK.index(_ST_DTYPES[specs[n][0]]), n))
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -61,19 +62,100 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
         offset += size
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb", buffering=0) as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for n in order:
-            src = get(n)
-            if isinstance(src, FileRange):  # bytes already written once: copied file to file, never through memory
-                assert (src.dtype, tuple(src.shape)) == (specs[n][0], tuple(specs[n][1])), (n, src, specs[n])
-                src.copy_to(f)
-                continue
-            t = src.detach().to("cpu").contiguous()
-            assert t.dtype == specs[n][0] and tuple(t.shape) == tuple(specs[n][1]), (n, t.dtype, t.shape, specs[n])
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    os.chmod(path, 0o666 & ~_umask())
+    head = struct.pack("<Q", len(raw)) + raw
+    return head, {n: (len(head) + header[n]["data_offsets"][0], len(head) + header[n]["data_offsets"][1]) for n in order}
+
+
+class ShardFiles:
+    """A checkpoint's safetensors files laid out before any of its tensors exists, from each tensor's dtype and shape
+    (in the checkpoint's order): split into shards of at most ``max_shard_size`` as transformers splits them, each
+    file laid out as ``safetensors.torch.save_file`` lays it out. The files are created with their headers and sized;
+    each tensor is then written at its place whenever it comes, in any order, so a streamed run writes every quantized
+    layer once, into the export itself, as soon as it is made."""
+
+    def __init__(self, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], max_shard_size: int):
+        from huggingface_hub import split_state_dict_into_shards_factory
+
+        split = split_state_dict_into_shards_factory(
+            specs, get_storage_size=lambda spec: _nbytes(*spec), filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+        self.specs = specs
+        self.heads: dict[str, bytes] = {}
+        self.sizes: dict[str, int] = {}
+        self.places: dict[str, tuple[str, int, int]] = {}  # tensor -> (file, start, end)
+        for filename, names in split.filename_to_tensors.items():
+            head, places = _layout({n: specs[n] for n in names}, {"format": "pt"})
+            self.heads[filename] = head
+            self.sizes[filename] = max([len(head), *(end for _, end in places.values())])
+            self.places.update({n: (filename, a, b) for n, (a, b) in places.items()})
+        self.index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename} if split.is_sharded else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes.values())
+
+    def create(self, folder: Path, where: Path | None = None) -> None:
+        """Each file with its header, at its full size (the data still holes), readable as any other output is (the
+        user's umask); refused at once when the filesystem has no room for them (``where``: the folder the message
+        names)."""
+        import shutil
+
+        from .report import human_bytes
+
+        free = shutil.disk_usage(folder).free
+        if self.nbytes > free:
+            raise UserError(f"the export needs {human_bytes(self.nbytes)} in {where or folder} and {human_bytes(free)} are "
+                            "free; free some space there or choose another output folder")
+        for filename, head in self.heads.items():
+            with open(folder / filename, "wb") as f:
+                f.write(head)
+                f.truncate(self.sizes[filename])
+            os.chmod(folder / filename, 0o666 & ~_umask())
+
+    def present(self, folder: Path) -> bool:
+        """Whether ``folder`` holds these files as :meth:`create` made them (their headers and sizes)."""
+        for filename, head in self.heads.items():
+            path = folder / filename
+            if not path.is_file() or path.stat().st_size != self.sizes[filename]:
+                return False
+            with open(path, "rb") as f:
+                if f.read(len(head)) != head:
+                    return False
+        return True
+
+    def put(self, folder: Path, tensors: dict) -> None:
+        """Write each tensor (or :class:`FileRange`: copied file to file) at its place, one at a time."""
+        fds: dict[str, int] = {}
+        try:
+            for name, src in tensors.items():
+                filename, start, end = self.places[name]
+                dtype, shape = self.specs[name]
+                fd = fds.get(filename)
+                if fd is None:
+                    fd = fds[filename] = os.open(folder / filename, os.O_WRONLY)
+                if isinstance(src, FileRange):  # bytes already in a file: copied in the kernel, never through memory
+                    assert (src.dtype, tuple(src.shape)) == (dtype, tuple(shape)), (name, src, dtype, shape)
+                    src.copy_to(fd, start)
+                    continue
+                t = src.detach().to("cpu").contiguous()
+                assert t.dtype == dtype and tuple(t.shape) == tuple(shape), (name, t.dtype, t.shape, dtype, shape)
+                if t.numel():
+                    _pwrite(fd, memoryview(t.reshape(-1).view(torch.uint8).numpy()), start)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def write_index(self, folder: Path) -> list[str]:
+        """``model.safetensors.index.json`` when sharded; the files' names."""
+        if self.index is not None:
+            (folder / "model.safetensors.index.json").write_text(json.dumps(self.index, indent=2, sort_keys=True) + "\n")
+        return sorted(self.heads)
+
+
+def _pwrite(fd: int, data: memoryview, at: int) -> None:
+    data = data.cast("B")
+    while len(data):
+        n = os.pwrite(fd, data, at)
+        data, at = data[n:], at + n
 
 
 @dataclass(frozen=True)
@@ -86,19 +168,21 @@ class FileRange:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
-    def copy_to(self, out) -> None:
-        """Append the bytes to the unbuffered file ``out`` (in the kernel where it can: ``copy_file_range``)."""
+    def copy_to(self, fd: int, at: int) -> None:
+        """Write the bytes into the file ``fd`` from offset ``at`` (in the kernel where it can: ``copy_file_range``)."""
         with open(self.path, "rb", buffering=0) as src:
             offset, left = self.start, self.length
             while left:
                 try:
-                    n = os.copy_file_range(src.fileno(), out.fileno(), left, offset)
+                    n = os.copy_file_range(src.fileno(), fd, left, offset, at)
                 except (AttributeError, OSError):  # not Linux, or a filesystem that cannot: through a small buffer
                     src.seek(offset)
-                    n = out.write(src.read(min(left, 1 << 26)))
+                    chunk = src.read(min(left, 1 << 26))
+                    _pwrite(fd, memoryview(chunk), at)
+                    n = len(chunk)
                 if n == 0:
                     raise OSError(f"{self.path} ends before its tensor data")
-                offset, left = offset + n, left - n
+                offset, left, at = offset + n, left - n, at + n
 
 
 def tensor_ranges(path: Path) -> tuple[dict[str, FileRange], dict[str, str]]:
@@ -266,36 +350,73 @@ def as_read(tensors: dict, unchanged: dict) -> dict:
 
 
 class WorkFolder:
-    """``.OUT.llmquant-partial-KEY`` beside the output: one file per finished step, each written atomically."""
+    """``.OUT.llmquant-partial-KEY`` beside the output: the export's safetensors files, written a step at a time
+    (:class:`ShardFiles`, in ``export/``), and for each finished step a small record written atomically once its
+    tensors are in those files."""
 
     def __init__(self, out: Path, key: str):
         out = Path(out).absolute()
         self.path = out.parent / f".{out.name}.llmquant-partial-{key}"
+        self.files: ShardFiles | None = None
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / "export"
 
     @staticmethod
     def key(*parts) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
-    def open(self) -> "WorkFolder":
+    def open(self, files: ShardFiles | None = None) -> "WorkFolder":
+        """Create the folder; with ``files`` (the process that writes), the export's files in it, unless a stopped
+        run of the same recipe left them there (then its finished steps stand; files laid out otherwise, e.g. with
+        another ``max_shard_size``, are started again)."""
         self.path.mkdir(parents=True, exist_ok=True)
+        self.files = files
+        if files is not None and not files.present(self.export_dir):
+            for p in self.path.glob("*.done.json"):
+                p.unlink()
+            import shutil
+
+            shutil.rmtree(self.export_dir, ignore_errors=True)
+            self.export_dir.mkdir()
+            files.create(self.export_dir, self.path.parent)
         return self
 
     def done(self, step: str) -> bool:
-        return (self.path / f"{step}.safetensors").is_file()
+        return self._done(step).is_file()
+
+    def _done(self, step: str) -> Path:
+        return self.path / f"{step}.done.json"
 
     def save(self, step: str, tensors: dict[str, torch.Tensor], record: dict) -> None:
-        """The step's checkpoint tensors (with their order) and what to remember of it, atomically."""
-        tmp = self.path / f"{step}.tmp.safetensors"
-        specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
-        # one tensor at a time, never a serialized copy of them all in memory
-        write_safetensors(tmp, specs, tensors.__getitem__, metadata={"order": json.dumps(list(tensors)), "record": json.dumps(record)})
-        os.replace(tmp, self.path / f"{step}.safetensors")
+        """The step's checkpoint tensors, written into the export's files, then what to remember of it, atomically."""
+        self.files.put(self.export_dir, tensors)
+        tmp = self.path / f"{step}.tmp.json"
+        tmp.write_text(json.dumps({"tensors": list(tensors), "record": record}))
+        os.replace(tmp, self._done(step))
 
     def record(self, step: str) -> dict:
-        from safetensors import safe_open
+        return json.loads(self._done(step).read_text())["record"]
 
-        with safe_open(str(self.path / f"{step}.safetensors"), "pt") as f:
-            return json.loads(f.metadata()["record"])
+    def written(self) -> set[str]:
+        """The tensors of every finished step."""
+        return {n for p in self.path.glob("*.done.json") for n in json.loads(p.read_text())["tensors"]}
+
+    def link_export(self, folder: Path) -> list[str]:
+        """The export's files, complete, into ``folder`` as hard links (copies where the filesystem cannot link): the
+        work folder keeps them until the export is in place. Returns the files' names."""
+        import shutil
+
+        missing = set(self.files.places) - self.written()
+        if missing:
+            raise RuntimeError(f"the work folder {self.path} lacks tensor {sorted(missing)[0]} (of {len(missing)})")
+        for name in self.files.heads:
+            try:
+                os.link(self.export_dir / name, folder / name)
+            except OSError:
+                shutil.copyfile(self.export_dir / name, folder / name)
+        return self.files.write_index(folder)
 
     def save_state(self, layer: int, state: dict) -> None:
         """What the layer after ``layer`` starts from (calibration activations, the probe's hidden state)."""
@@ -321,8 +442,6 @@ class WorkFolder:
         w = distributed.world_size()
         return f".rank{distributed.rank()}of{w}" if w > 1 else ""
 
-    def steps(self) -> list[str]:
-        return sorted(p.name.removesuffix(".safetensors") for p in self.path.glob("*.safetensors") if ".tmp." not in p.name)
 
 
 # ---- the streamed run --------------------------------------------------------------------------------
@@ -440,18 +559,21 @@ class StreamedQuantizer:
     def _check_disk_space(self) -> None:
         """Refuse, before any work, activations on disk that the work folder's filesystem has no room for: each
         generation is this process's windows x seqlen x hidden size in the model's dtype, and up to three are on disk
-        at once (five when tuning toward the float model carries its activations too)."""
+        at once (five when tuning toward the float model carries its activations too), beside the export's files."""
         import shutil
+
+        from .report import human_bytes
 
         c = self.calibrator
         windows = c.windows[distributed.share(len(c.windows))]
         generation = _nbytes(self.plan.model_dtype, (*windows.shape, getattr(self.model.config, "hidden_size", 0)))
         need = generation * (5 if c.tracks_float_model() else 3)
+        export = self.work.files.nbytes if self.work.files is not None else 0  # its files' holes, still to be written
         free = shutil.disk_usage(self.work.path).free
-        if need > free:
-            raise UserError(f"calibration.activations: disk needs about {need / 1e9:.1f} GB in {self.work.path.parent} "
-                            f"and {free / 1e9:.1f} GB are free; free some space, or use fewer calibration windows or "
-                            f"activations: memory")
+        if need + export > free:
+            raise UserError(f"calibration.activations: disk needs about {human_bytes(need)} in {self.work.path.parent} "
+                            f"besides the export's {human_bytes(export)}, and {human_bytes(free)} are free; free some space, "
+                            "or use fewer calibration windows or activations: memory")
 
     def chosen(self) -> dict:
         """The chosen weights not yet written (the calibrator keeps its own)."""

@@ -13,7 +13,6 @@ from safetensors import safe_open
 
 import bitsandbytes as bnb
 from conftest import ARCHS, assert_same_logits, repack_like_avx512bf16
-from llmquant import export as export_mod
 from llmquant.errors import ExportCheckError, UserError
 from llmquant.export import load_export, logits_on, probe_ids, safetensors_bytes
 from llmquant.pipeline import run
@@ -141,13 +140,15 @@ def test_failed_check_leaves_nothing_and_keeps_previous_export(tiny_dirs, tmp_pa
 
 
 def test_interrupt_while_writing_leaves_nothing(tiny_dirs, tmp_path, monkeypatch):
-    real = export_mod.write_shards
+    from llmquant.stream import WorkFolder
 
-    def interrupted(*args):
+    real = WorkFolder.link_export
+
+    def interrupted(*args):  # the export's files in place, the rest not yet
         real(*args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("llmquant.export.write_shards", interrupted)
+    monkeypatch.setattr(WorkFolder, "link_export", interrupted)
     with pytest.raises(KeyboardInterrupt):
         quiet_run(recipe(tiny_dirs("llama"), tmp_path / "out", RECIPES["nf4"]))
     # nothing under the output's name; only the hidden work folder a rerun resumes from

@@ -134,15 +134,15 @@ def test_bad_command_lines(workdir, tiny_dirs, capsys, argv, expected):
 def test_disk_full_while_writing(workdir, tiny_dirs, capsys, monkeypatch):
     import errno
 
-    from llmquant import export as export_mod
+    from llmquant.stream import WorkFolder
 
-    real = export_mod.write_shards
+    real = WorkFolder.link_export
 
     def full(*args):
-        real(*args)  # some bytes land, then the disk is full
+        real(*args)  # some files land, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export_mod, "write_shards", full)
+    monkeypatch.setattr(WorkFolder, "link_export", full)
     recipe = workdir / "r.yaml"
     recipe.write_text(f"model: {{source: {tiny_dirs('llama')}}}\ndevice: cpu\noutput: {{dir: out}}\n")
     before = snapshot(workdir)

@@ -17,7 +17,7 @@ from conftest import ARCHS, TEXT
 from llmquant import pipeline
 from llmquant.pipeline import run
 from llmquant.recipe import Recipe
-from llmquant.stream import WorkFolder, write_safetensors
+from llmquant.stream import ShardFiles, WorkFolder
 
 RECIPES = {
     "rtn-mixed": ({"default": {"format": "nf4", "group_size": 32},
@@ -68,10 +68,73 @@ def test_writer_is_byte_for_byte_safetensors(tmp_path):
           "c.codes": torch.randint(-127, 127, (4, 4), dtype=torch.int8), "d.bf": torch.randn(3, dtype=torch.bfloat16),
           "e.half": torch.randn(2, 2, dtype=torch.float16), "fmt": torch.tensor(0, dtype=torch.uint8), "idx": torch.arange(3),
           "ü.unicode": torch.zeros(1), "empty": torch.zeros(0)}
-    for meta in ({"format": "pt"}, None):
-        save_file(sd, str(tmp_path / "ref.safetensors"), metadata=meta)
-        write_safetensors(tmp_path / "ours.safetensors", {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()}, sd.__getitem__, meta)
-        assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    save_file(sd, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    files = ShardFiles({k: (v.dtype, tuple(v.shape)) for k, v in sd.items()}, max_shard_size=1 << 30)
+    files.create(tmp_path)
+    files.put(tmp_path, sd)
+    assert files.write_index(tmp_path) == ["model.safetensors"] and files.index is None
+    assert (tmp_path / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_shard_files_laid_out_first_and_filled_in_any_order_are_the_sequential_writers_bytes(tmp_path):
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from llmquant.stream import FileRange, tensor_ranges
+
+    torch.manual_seed(0)
+    sd = {f"l{i}.{k}": v for i in range(6) for k, v in (("weight", torch.randint(0, 255, (300, 1), dtype=torch.uint8)),
+                                                         ("absmax", torch.rand(37)), ("bias", torch.randn(5, dtype=torch.bfloat16)))}
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()}
+    files = ShardFiles(specs, max_shard_size=1000)
+    split = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors", max_shard_size=1000)
+    assert files.index == {"metadata": split.metadata, "weight_map": split.tensor_to_filename} and len(files.heads) > 2
+    (tmp_path / "a").mkdir()
+    files.create(tmp_path / "a")
+    assert files.present(tmp_path / "a")
+    save_file({"x": sd["l0.absmax"]}, str(tmp_path / "src.safetensors"))
+    reversed_names = list(sd)[::-1]
+    for name in reversed_names:  # last first, one from another file copied file to file
+        src = tensor_ranges(tmp_path / "src.safetensors")[0]["x"] if name == "l0.absmax" else sd[name]
+        assert isinstance(src, FileRange) or name != "l0.absmax"
+        files.put(tmp_path / "a", {name: src})
+    assert files.write_index(tmp_path / "a") == sorted(split.filename_to_tensors)
+    for filename, names in split.filename_to_tensors.items():  # each shard as safetensors writes it
+        save_file({n: sd[n] for n in names}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+        assert (tmp_path / "a" / filename).read_bytes() == (tmp_path / "ref.safetensors").read_bytes(), filename
+    assert not ShardFiles(specs, max_shard_size=2000).present(tmp_path / "a")  # another layout is not taken for this one
+    with pytest.raises(AssertionError):
+        files.put(tmp_path / "a", {"l1.bias": torch.randn(5)})  # not the planned dtype
+
+
+@pytest.mark.parametrize("offset", [0.0, 1 / 3, -2.2250738585072014e-308, -1.2345678901234567e-100, 123456.78901234567, float("nan")])
+def test_a_double_quantized_weights_packed_json_has_its_planned_length_and_reads_as_bitsandbytes_wrote_it(offset):
+    from bitsandbytes.utils import pack_dict_to_tensor, unpack_tensor_to_dict
+
+    from llmquant.algorithms.rtn import rtn_4bit
+    from llmquant.backends.bnb import checkpoint_tensors, quant_state, quant_state_json_length, read_weight
+    from llmquant.quantized import NestedScales
+    from llmquant.schemes import FourBit
+
+    torch.manual_seed(0)
+    qw = rtn_4bit(torch.randn(64, 256), FourBit(format="fp4", group_size=64, double_quant=True), torch.float16)
+    n = qw.nested
+    qw.nested = NestedScales(codes=n.codes, absmax=n.absmax, code=n.code, offset=torch.tensor(offset))
+    t = checkpoint_tensors(qw, "")
+    packed = t["weight.quant_state.bitsandbytes__fp4"]
+    assert packed.numel() == quant_state_json_length("fp4", 64, torch.float16, (64, 256), True)
+    ours = bytes(packed.numpy())
+    stock = bytes(pack_dict_to_tensor({k: v for k, v in quant_state(qw).as_dict().items() if not isinstance(v, torch.Tensor)}).numpy())
+    assert ours.rstrip(b" ") == stock and set(ours[len(stock):]) <= {ord(" ")}  # bitsandbytes' JSON, padded with spaces
+    got = unpack_tensor_to_dict(packed)
+    assert got["nested_offset"] == pytest.approx(float(torch.tensor(offset)), nan_ok=True)
+    if offset == offset:
+        back = read_weight(t)
+        assert torch.equal(back.codes, qw.codes) and torch.equal(back.nested.codes, qw.nested.codes)
+    # without double quantization the JSON is bitsandbytes' own, unpadded
+    plain = rtn_4bit(torch.randn(64, 256), FourBit(format="nf4", group_size=64), torch.bfloat16)
+    packed = checkpoint_tensors(plain, "")["weight.quant_state.bitsandbytes__nf4"]
+    assert packed.numel() == quant_state_json_length("nf4", 64, torch.bfloat16, (64, 256), False)
+    assert bytes(packed.numpy()) == bytes(quant_state(plain).as_dict(packed=True)["quant_state.bitsandbytes__nf4"].numpy())
 
 
 def test_only_tensors_still_as_read_are_copied_from_the_source_file(tmp_path):
@@ -218,14 +281,34 @@ def test_a_stopped_run_resumes_where_it_stopped(tiny_dirs, tmp_path, monkeypatch
         quiet(make_recipe(model_dir, tmp_path / "out", name, calib_file))
     assert not (tmp_path / "out").exists()
     work = list(tmp_path.glob(".out.llmquant-partial-*"))
-    assert len(work) == 1 and (work[0] / "layer-00000.safetensors").is_file()
+    assert len(work) == 1 and (work[0] / "layer-00000.done.json").is_file()
     monkeypatch.undo()
-    (work[0] / "layer-00001.safetensors").unlink()  # as if killed before layer 1 was written
+    (work[0] / "layer-00001.done.json").unlink()  # as if killed before layer 1 was recorded
     res = quiet(make_recipe(model_dir, tmp_path / "out", name, calib_file))
     assert res.resumed_from == 1
     assert json.loads((tmp_path / "out" / "llmquant.json").read_text())["loading"]["resumed_from_layer"] == 1
     same_files(tmp_path / "out", tmp_path / "reference")
     assert not work[0].exists()
+
+
+def test_a_stopped_run_resumed_with_another_shard_size_starts_again(tiny_dirs, tmp_path, monkeypatch, calib_file):
+    model_dir = tiny_dirs("llama")
+    quiet(make_recipe(model_dir, tmp_path / "reference", "rtn-mixed", calib_file, max_shard_size="60KB"))
+    real = WorkFolder.save
+
+    def stop(self, step, tensors, record):
+        real(self, step, tensors, record)
+        if step == "layer-00000":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(WorkFolder, "save", stop)
+    with pytest.raises(KeyboardInterrupt):
+        quiet(make_recipe(model_dir, tmp_path / "out", "rtn-mixed", calib_file))
+    monkeypatch.undo()
+    res = quiet(make_recipe(model_dir, tmp_path / "out", "rtn-mixed", calib_file, max_shard_size="60KB"))
+    assert res.resumed_from == 0  # the files written so far were laid out for one shard
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) > 1
+    same_files(tmp_path / "out", tmp_path / "reference")
 
 
 @pytest.mark.parametrize("method,extra", [("gptq", {}), ("awq+gptq", {"true_sequential": True}),
@@ -266,17 +349,25 @@ def test_activations_on_disk_without_room_for_them_are_refused_before_any_work(t
 
     from llmquant.errors import UserError
 
+    quiet(make_recipe(tiny_dirs("llama"), tmp_path / "ref", "gptq-disk", calib_file))
+    export = sum(p.stat().st_size for p in (tmp_path / "ref").glob("*.safetensors"))
     real = shutil.disk_usage
-    # 3 generations of 4 windows x 32 tokens x 128 float32 values: 197 kB
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
     calls, real_save_state = [], WorkFolder.save_state
     monkeypatch.setattr(WorkFolder, "save_state", lambda *a: calls.append(a))
-    with pytest.raises(UserError, match=r"calibration.activations: disk needs about 0.0 GB in .* and 0.0 GB are free"):
+    # the export's files are laid out before any work, and refused when they cannot fit
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=export - 1))
+    with pytest.raises(UserError, match=r"the export needs .* KB in .* and .* KB are free; free some space there"):
+        quiet(make_recipe(tiny_dirs("llama"), tmp_path / "out", "gptq-disk", calib_file))
+    # 3 generations of 4 windows x 32 tokens x 128 float32 values: 197 kB, besides the export
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=export + 100_000))
+    with pytest.raises(UserError, match=r"calibration.activations: disk needs about 196.6 KB in .* besides the export's .* KB, "
+                                        r"and .* KB are free"):
         quiet(make_recipe(tiny_dirs("llama"), tmp_path / "out", "gptq-disk", calib_file))
     assert not calls and not (tmp_path / "out").exists()
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=200_000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=export + 200_000))
     monkeypatch.setattr(WorkFolder, "save_state", real_save_state)
     assert quiet(make_recipe(tiny_dirs("llama"), tmp_path / "out", "gptq-disk", calib_file)).check.passed
+    same_files(tmp_path / "out", tmp_path / "ref")
 
 
 def test_another_recipe_does_not_resume_a_foreign_work_folder(tiny_dirs, tmp_path, calib_file, monkeypatch):

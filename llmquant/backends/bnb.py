@@ -56,11 +56,34 @@ def quant_state(qw: FourBitWeight):
     )
 
 
+# the longest repr of a float (a double), which the double-quantization offset in the packed JSON is written as
+_LONGEST_FLOAT = -2.2250738585072014e-308
+
+
+def quant_state_json_length(quant_type: str, blocksize: int, dtype: torch.dtype, shape, double_quant: bool) -> int:
+    """Bytes of the packed QuantState JSON (``quant_state.bitsandbytes__nf4``) a 4-bit weight is saved with.
+
+    bitsandbytes writes ``json.dumps`` of the QuantState's non-tensor fields. Without double quantization they are all
+    known from the format; with it, the offset's digits depend on its value, so :func:`checkpoint_tensors` pads the JSON
+    with spaces (which JSON allows and bitsandbytes' ``json.loads`` reads past) to the length of the longest offset: every
+    tensor of an export then has a size known before any weight is quantized."""
+    import json
+
+    d = {"quant_type": quant_type, "blocksize": blocksize, "dtype": str(dtype).removeprefix("torch."), "shape": list(shape)}
+    if double_quant:
+        d.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=_LONGEST_FLOAT)
+    return len(json.dumps(d).encode())
+
+
 def checkpoint_tensors(qw: QuantizedWeight, prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors one quantized layer's weight is saved as, under bitsandbytes' key names."""
+    """The tensors one quantized layer's weight is saved as, under bitsandbytes' key names (a double-quantized
+    weight's packed JSON padded to its planned length: :func:`quant_state_json_length`)."""
     if isinstance(qw, FourBitWeight):
         out = {f"{prefix}weight": pack_4bit(qw.codes)}
         for k, v in quant_state(qw).as_dict(packed=True).items():
+            if k.startswith("quant_state.") and qw.nested is not None:
+                n = quant_state_json_length(qw.quant_type, qw.group_size, qw.dtype, qw.shape, True) - v.numel()
+                v = torch.cat([v, torch.full((n,), ord(" "), dtype=torch.uint8, device=v.device)]) if n > 0 else v
             out[f"{prefix}weight.{k}"] = v
         return out
     if isinstance(qw, Int8Weight):
