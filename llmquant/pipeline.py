@@ -29,7 +29,7 @@ from .errors import ExportCheckError
 from .export import (MARKER_FILE, ExportCheck, atomic_output, check_output_dir, keep_in_fp32_modules, keep_unchecked, logits_on,
                      model_device, output_lock, probe_ids, probe_summary, safetensors_bytes, verify_export, verify_streamed_export,
                      export_files, write_checkpoint, write_streamed_checkpoint)
-from .memory import give_memory_back, import_bitsandbytes
+from .memory import give_memory_back, import_bitsandbytes, steady_heap
 from .models import (TOKENIZER_FILES, fingerprint, has_tokenizer, load_config, load_model, load_tokenizer, pick_device, resolve_dtype,
                      resolve_source)
 from .stream import skeleton
@@ -102,6 +102,10 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
     # unsupported model fails here, before any weight is read.
     config = load_config(src, m.trust_remote_code)
     dtype = resolve_dtype(m.dtype, src, config)
+    if recipe.calibration is not None and not dry_run:
+        # before the skeleton: building it allocates (untouched) every weight once; with glibc's threshold raised by an
+        # earlier free, that left a heap of ~1 GB free space (1B model) that later temporaries filled and stayed in
+        steady_heap()
     frame = skeleton(config, dtype, m.trust_remote_code)
     plan = build_plan(frame, recipe.quantization, dtype)
     auto_report = reader = None
