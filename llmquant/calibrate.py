@@ -236,10 +236,15 @@ class SequentialCalibrator:
         self.float_inputs: list[torch.Tensor] | None = None
         # with calibration.activations: disk (a streamed run), where each generation of activations is kept
         self.activations_dir: Path | None = None
+        self.model_tune: dict | None = None  # the end-to-end stage's report (calibration.tune.model_steps)
 
     def tracks_float_model(self) -> bool:
         """Whether the float model's activations are carried beside the quantized ones (tune.target: model)."""
         return self.spec.tune.target == "model" and any(ALGORITHMS[e.method].tunes for e in self.entries.values())
+
+    def tunes_model(self) -> bool:
+        """Whether the chosen scales are tuned end to end after the last decoder layer (calibration.tune.model_steps)."""
+        return self.spec.tune.model_steps > 0
 
     def _decide(self, make):
         """``make()``'s result, computed by one process in turn and sent to the others (or here, alone)."""
@@ -373,6 +378,11 @@ class SequentialCalibrator:
         inside = {f"{stack_name}.{i}" for i in range(len(layers))}
         outside = [e for n, e in self.entries.items() if not any(n.startswith(p + ".") for p in inside)]
         self.log(f"calibrating {len(layers)} decoder layers on {len(self.windows)} windows of {self.windows.shape[1]} tokens")
+        teacher = None
+        if self.tunes_model():  # the float model's predictions, before any layer changes
+            from .algorithms import tune
+
+            teacher = tune.teacher_distribution(self.model, self.windows, self._input_device(), tune.TEACHER_TOP_K, self.progress)
         inputs, self._args, self._kwargs = self._capture_first_inputs(layers[0])
         self.float_inputs = list(inputs) if self.tracks_float_model() else None
         bar = tqdm(range(len(layers)), desc="calibrating", unit="layer", disable=not self.progress)
@@ -394,6 +404,8 @@ class SequentialCalibrator:
             qw = ALGORITHMS[method].quantize(layer_weight(self.model.get_submodule(e.name)).detach(), e.scheme, self.plan.model_dtype)
             install(self.model, e, qw, self.plan.model_dtype)
             self.chosen[e.name] = qw
+        if teacher is not None:
+            self.model_tune = self._tune_model(teacher, inside)
         self.seconds = time.perf_counter() - t_start
         return self.chosen
 
@@ -526,6 +538,35 @@ class SequentialCalibrator:
             qw = results[rel[n]]
             install(self.model, self.entries[n], qw, self.plan.model_dtype)
             self.chosen[n] = qw
+        give_memory_back()
+        return rep
+
+    def _tune_model(self, teacher: list, inside: set[str]) -> dict:
+        """The end-to-end stage: the stored scales of every quantized layer of the decoder layers at once, toward the
+        float model's predictions."""
+        from .algorithms.tune import tune_model
+        from .quantized import KeptWeight
+
+        chosen = {n: (self.chosen[n], e.scheme) for n, e in self.entries.items()
+                  if any(n.startswith(p + ".") for p in inside) and not isinstance(self.chosen.get(n), (KeptWeight, type(None)))}
+        o = self.spec.tune
+        bar = tqdm(total=o.model_steps, desc="tuning the model's scales", unit="step", disable=not self.progress)
+
+        def on_step(t, steps, loss):
+            bar.update(1)
+            if t % 10 == 0 or t == steps:
+                bar.set_postfix_str(f"KL {loss:.3g}")
+
+        try:
+            results, rep = tune_model(self.model, chosen, self.windows, teacher,
+                                      {"steps": o.model_steps, "lr": o.model_lr, "batch": o.batch, "seed": self.spec.seed}, on_step)
+        finally:
+            bar.close()
+        for n, qw in results.items():
+            install(self.model, self.entries[n], qw, self.plan.model_dtype)
+            self.chosen[n] = qw
+        self.log(f"tuned the scales of {len(results)} layers end to end: KL from the float model on the calibration windows "
+                 f"{rep['kl_before']:.4f} -> {rep['kl_after']:.4f} nats/token" + (" (kept the start)" if rep["kept_start"] else ""))
         give_memory_back()
         return rep
 

@@ -136,7 +136,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
             console.print(yaml_rules(recipe), markup=False, highlight=False)
         return RunResult(recipe, plan, timings=timings, auto=auto_report)
     if auto_report is None:  # (else the search of quantization.auto opened it already)
-        reader = _stream_reader(recipe, src, frame, log)
+        reader = _stream_reader(recipe, src, frame, log, plan)
     if distributed.active() and (reader is None or not needs_calibration(plan)):
         raise UserError("a run over several processes shares out calibration windows of a streamed model: "
                         + ("this recipe calibrates nothing" if reader is not None else "this one loads the whole model (see above)")
@@ -284,7 +284,7 @@ def _export(result: RunResult, src, t_write: float, t_start: float, log, write, 
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _stream_reader(recipe: Recipe, src, model, log):
+def _stream_reader(recipe: Recipe, src, model, log, plan: Plan | None = None):
     """A reader of the checkpoint when the run can stream it layer by layer into ``model`` (a skeleton), else None.
 
     Streaming needs the weights as safetensors whose names are the model's own; perplexity and divergence
@@ -293,6 +293,9 @@ def _stream_reader(recipe: Recipe, src, model, log):
     from .stream import CheckpointReader, local_folder, missing_tensors, stream_reason
 
     reason = stream_reason(src)
+    if reason is None and plan is not None and recipe.calibration is not None and recipe.calibration.tune.model_steps > 0 \
+            and needs_calibration(plan):
+        reason = "calibration.tune.model_steps tunes the whole model at once"
     if reason is None and pick_device(recipe.device).type == "cuda" and recipe.device == "auto" and torch.cuda.device_count() > 1:
         reason = "several GPUs are used through accelerate's device map"
     if reason is None:
@@ -568,15 +571,20 @@ def _calibration_summary(cal, text) -> dict:
     errs = [r["layer_rel_error"] for r in cal.report]
     worst = max(range(len(errs)), key=errs.__getitem__)
     ordered = sorted(errs)
-    return {
+    e2e = cal.model_tune
+    out = {
         "summary": (f"calibration: {len(errs)} decoder layers in {cal.seconds:.0f}s on {len(cal.windows)} windows of "
                     f"{cal.windows.shape[1]} tokens; layer output error median {ordered[len(ordered) // 2]:.2%}, "
-                    f"max {errs[worst]:.2%} ({cal.report[worst]['layer']})"),
+                    f"max {errs[worst]:.2%} ({cal.report[worst]['layer']})"
+                    + (f"; end to end: KL {e2e['kl_before']:.4f} -> {e2e['kl_after']:.4f}" if e2e else "")),
         "seconds": round(cal.seconds, 1),
         "text": text.meta,
         "windows": list(cal.windows.shape),
         "layers": cal.report,
     }
+    if e2e:
+        out["model_tune"] = e2e
+    return out
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

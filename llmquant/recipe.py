@@ -244,6 +244,14 @@ class TuneOptions(StrictModel):
     # activations is kept); or "layer", the float layer's outputs on the same inputs (the quantized
     # previous layers' outputs). "model" measured 15% less KL on SmolLM2 at equal perplexity.
     target: Literal["layer", "model"] = "model"
+    # Steps of an end-to-end stage after the last decoder layer (0: none; any calibrated method): the stored scales
+    # of every quantized layer of the decoder layers (codes fixed) tuned together, by Adam, so that the quantized
+    # model's next-token distribution on the calibration windows matches the float model's (KL over its 64 most
+    # likely tokens and the rest), `batch` windows per step. Each step is a forward and backward pass of the whole
+    # model, so the model is loaded whole (not streamed) for it.
+    model_steps: int = Field(0, ge=0, le=100000)
+    # Adam's step size for the end-to-end stage's scale factors (decaying to 0 on a cosine).
+    model_lr: float = Field(5e-4, gt=0, le=1)
 
 
 class CalibrationSpec(StrictModel):
@@ -387,6 +395,11 @@ class Recipe(StrictModel):
         calibrated = sorted(m for m in methods if ALGORITHMS[m].calibrated)
         if calibrated and self.calibration is None:
             raise ValueError(f"method {calibrated[0]} needs calibration data: add a calibration section (text, nsamples, seqlen)")
+        if self.calibration is not None and self.calibration.tune.model_steps and not calibrated:
+            raise ValueError("calibration.tune.model_steps tunes the scales a calibrated method chose; this recipe's methods "
+                             f"({', '.join(sorted(m for m in methods if m))}) calibrate nothing: choose gptq, gptq+tune, ... or set it to 0")
+        if q.auto is not None and self.calibration is not None and self.calibration.tune.model_steps:
+            raise ValueError("calibration.tune.model_steps does not work with quantization.auto: set it to 0")
         if q.auto is not None:
             if self.calibration is None:
                 raise ValueError("quantization.auto measures sensitivity on calibration text: add a calibration section")

@@ -55,6 +55,10 @@ ROWS = {
     # twice the default steps per layer (same total step size: 0.25 / steps)
     "gptq+tune-nf4-s200": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune",
                                         "calibration": {"tune": {"steps": 200}}}),
+    # then the stored scales of every layer tuned end to end toward the float model's predictions (64 steps)
+    "gptq-nf4-e2e": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq", "calibration": {"tune": {"model_steps": 64}}}),
+    "gptq+tune-nf4-e2e": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune",
+                                       "calibration": {"tune": {"model_steps": 64}}}),
     "gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "gptq"}),
     "awq+gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "awq+gptq"}),
     # formats chosen per layer by quantization.auto for 4.5 bits per weight (the size of NF4 block 64), weights by GPTQ

@@ -4,17 +4,18 @@ the tuned weights, and a tuned layer beats round to nearest and GPTQ on inputs i
 import hashlib
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from conftest import TEXT
+from conftest import TEXT, VOCAB
 from llmquant.algorithms import ALGORITHMS
 from llmquant.algorithms.rtn import rtn_4bit, rtn_int8
 from llmquant.algorithms.scale_search import LayerStats
-from llmquant.algorithms.tune import TunedLinear, tune_layer
+from llmquant.algorithms.tune import ScaledLinear, TunedLinear, top_k_kl, tune_layer
 from llmquant.backends.bnb import checkpoint_tensors, read_weight
 from llmquant.calibrate import calibration_windows, decoder_layers, first_layer_input
 from llmquant.errors import UserError
@@ -287,6 +288,11 @@ def test_settings_and_refusals(tiny_dirs, tmp_path, texts, monkeypatch):
     with pytest.raises(ValueError, match="quantization.auto works with methods rtn, scale_search and gptq, not gptq\\+tune"):
         Recipe.from_dict({"model": {"source": "x"}, "quantization": {"method": "gptq+tune", "auto": {"bits_per_weight": 4.5}},
                           "calibration": {"nsamples": 2, "seqlen": 16}, "output": {"dir": "o"}})
+    with pytest.raises(ValueError, match="model_steps tunes the scales a calibrated method chose; this recipe's methods \\(rtn\\)"):
+        _recipe(tiny_dirs("llama"), tmp_path / "o", texts, method="rtn", model_steps=10)
+    with pytest.raises(ValueError, match="model_steps does not work with quantization.auto"):
+        Recipe.from_dict({"model": {"source": "x"}, "quantization": {"method": "gptq", "auto": {"bits_per_weight": 4.5}},
+                          "calibration": {"tune": {"model_steps": 5}}, "output": {"dir": "o"}})
     from llmquant import distributed
 
     monkeypatch.setattr(distributed, "launched", lambda: True)
@@ -350,3 +356,76 @@ def test_tuning_toward_the_float_model_gets_its_activations_streamed_or_not(tiny
     digest = lambda d: hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
     assert digest(tmp_path / "memory") == digest(tmp_path / "streamed")
     assert digest(tmp_path / "layer") != digest(tmp_path / "streamed")
+
+
+# ---- the end-to-end stage (calibration.tune.model_steps) --------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES.values()), ids=list(SCHEMES))
+def test_a_scaled_layer_computes_what_bitsandbytes_dequantizes(scheme):
+    torch.manual_seed(3)
+    w = torch.randn(48, 256) * 0.02
+    start = _start(w, scheme)
+    m = ScaledLinear(start, scheme, None, torch.device("cpu"))
+    assert torch.equal(m.weight_value(), _bnb_dequantize(start))  # untouched: exactly the start
+    with torch.no_grad():
+        m.f.mul_(torch.empty_like(m.f).uniform_(0.8, 1.2))
+    qw = m.result()
+    assert torch.equal(qw.codes, start.codes)  # the codes stay; the scales are the tuned ones, as stored
+    assert not torch.equal(qw.dequantize(), start.dequantize())
+    assert torch.equal(m.weight_value(), _bnb_dequantize(qw))
+    m(torch.randn(16, 256)).square().sum().backward()
+    assert m.f.grad.abs().sum() > 0
+
+
+def test_the_top_k_kl_is_the_kl_with_the_whole_vocabulary_and_a_lower_bound_with_less():
+    torch.manual_seed(4)
+    t, s = torch.randn(1, 10, 50) * 2, torch.randn(1, 10, 50) * 2
+    lt = torch.log_softmax(t, -1)
+    full = (lt.exp() * (lt - torch.log_softmax(s, -1))).sum(-1).mean()
+    torch.testing.assert_close(top_k_kl(s, *lt.topk(50, -1)), full)
+    assert 0 < top_k_kl(s, *lt.topk(8, -1)) < full
+    assert abs(top_k_kl(t, *lt.topk(8, -1))) < 1e-6
+
+
+def _held_out_kl(model_dir, out_dir, text) -> float:
+    """KL divergence of the exported weights (dequantized as bitsandbytes does, computed in float32 whatever this
+    CPU's bitsandbytes branch) from the float model, on the text's last 40% (windows of 32)."""
+    from llmquant.data import TextSpec, load_text
+    from llmquant.models import load_model, resolve_source
+
+    float_model, tok = load_model(resolve_source(str(model_dir)), "float32", "cpu")
+    quantized, _ = load_model(resolve_source(str(model_dir)), "float32", "cpu")
+    tensors = load_file(Path(out_dir) / "model.safetensors")
+    swapped = 0
+    for name, module in quantized.named_modules():
+        if type(module) is torch.nn.Linear and f"{name}.weight.absmax" in tensors:
+            prefix = name + "."
+            qw = read_weight({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}, torch.float32)
+            module.weight.data = qw.dequantize()
+            swapped += 1
+    assert swapped == 14
+    ids = tok(load_text(TextSpec(source=str(text), range=(0.6, 1.0))).text, return_tensors="pt").input_ids[0]
+    ids = ids[: len(ids) // 32 * 32].view(-1, 32)
+    with torch.no_grad():
+        lf = torch.log_softmax(float_model(ids).logits.float(), -1)
+        lq = torch.log_softmax(quantized(ids).logits.float(), -1)
+    return (lf.exp() * (lf - lq)).sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("method", ["gptq+tune", "gptq"])
+def test_the_model_stage_tunes_the_scales_only_and_lowers_held_out_kl(tiny_dirs, tmp_path, texts, monkeypatch, method):
+    import llmquant.algorithms.tune as tune_mod
+
+    monkeypatch.setattr(tune_mod, "TEACHER_TOP_K", VOCAB)  # a random tiny model's predictions are flat: the whole KL
+    model_dir = tiny_dirs("llama")
+    res = _run(_recipe(model_dir, tmp_path / "e2e", texts, method=method, model_steps=30, model_lr=3e-3))
+    assert res.check.passed and not res.streamed
+    e2e = json.loads((tmp_path / "e2e" / "llmquant.json").read_text())["calibration"]["model_tune"]
+    assert e2e["kl_after"] < 0.9 * e2e["kl_before"] and not e2e["kept_start"] and e2e["steps"] == 30
+    _run(_recipe(model_dir, tmp_path / "layers", texts, method=method))  # the same without the end-to-end stage
+    tuned, start = (load_file(tmp_path / d / "model.safetensors") for d in ("e2e", "layers"))
+    codes = [k for k in start if k.endswith("proj.weight")]
+    assert len(codes) == 14 and all(torch.equal(tuned[k], start[k]) for k in codes)  # the codes stay
+    assert all(not torch.equal(tuned[k + ".absmax"], start[k + ".absmax"]) for k in codes)  # every layer's scales moved
+    assert _held_out_kl(model_dir, tmp_path / "e2e", texts) < 0.95 * _held_out_kl(model_dir, tmp_path / "layers", texts)

@@ -21,15 +21,21 @@ columns with an outlier kept in float16; the tokens of a step's windows together
 straight-through gradients too. What
 is emitted (:meth:`TunedLinear.result`) are those codes and scales, so the checkpoint
 holds exactly the weights the tuning saw.
+
+An optional end-to-end stage (:func:`tune_model`) then tunes the stored scales of every quantized layer at once,
+codes fixed, toward the float model's next-token distribution (its top-k log-probabilities, kept before
+quantization), with the same stored-scale forward (:class:`ScaledLinear`).
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..quantized import INT8_INV_127, FourBitWeight, Int8Weight, QuantizedWeight, codebook
 from ..schemes import FourBit, Int8
@@ -52,7 +58,41 @@ def _ste(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
     return value.detach() + (surrogate - surrogate.detach())
 
 
-class TunedLinear(nn.Module):
+class _Scales(nn.Module):
+    """A quantized weight's stored scales (``s0``: the starting choice's, ``[out, blocks]``) times tunable factors ``f``."""
+
+    def _init_scales(self, scheme, s0: torch.Tensor, start_nested) -> None:
+        self.scheme = scheme
+        self.fourbit = isinstance(scheme, FourBit)
+        self.register_buffer("s0", s0)
+        self.register_buffer("start_scales", s0.reshape(-1).clone())
+        self.start_nested = start_nested
+        self.f = nn.Parameter(torch.ones_like(s0))
+
+    def _stored(self) -> tuple[torch.Tensor, object]:
+        """The scales as bitsandbytes will store them (flat) and their double quantization, for the current factors.
+
+        Untouched factors give back the starting choice's scales exactly (double quantizing already
+        double-quantized scales again would move them by a rounding step)."""
+        if not bool((self.f != 1).any()):
+            return self.start_scales, self.start_nested
+        s = (self.s0 * self.f).detach()
+        if self.fourbit:
+            return stored_scales(s, self.scheme)
+        return s.reshape(-1), None
+
+    def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scales as tuned (continuous) and as bitsandbytes will store them, ``[out, blocks]``."""
+        s = self.s0 * self.f
+        return s, self._stored()[0].view_as(s)
+
+    def _scales_used(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored scales, and the same values with the tuned scales' gradient (straight through), ``[out, blocks]``."""
+        s, stored = self._scales()
+        return stored, _ste(stored, s)
+
+
+class TunedLinear(_Scales):
     """A Linear layer whose weight is a bitsandbytes-quantized weight with tunable codes and scales.
 
     ``weight``: the float weight ``[out, in]``; ``start``: the starting choice in ``scheme``. The values
@@ -66,25 +106,21 @@ class TunedLinear(nn.Module):
         w = getattr(start, "latent", weight).detach().float().to(weight.device)
         self.register_buffer("w", w)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        self.scheme = scheme
-        self.fourbit = isinstance(scheme, FourBit)
         out_f, in_f = w.shape
-        if self.fourbit:
+        if isinstance(scheme, FourBit):
             assert isinstance(start, FourBitWeight)
             values, order = torch.sort(codebook(scheme.format, w.device))
             self.register_buffer("values", values)
             self.register_buffer("order", order.to(torch.uint8))  # sorted position -> code
-            self.register_buffer("s0", start.scales.view(out_f, -1).to(w.device).clone())
-            self.start_nested = start.nested
+            s0, nested = start.scales.view(out_f, -1).to(w.device).clone(), start.nested
             position = torch.argsort(order).to(w.device)[start.codes.long()].float()  # code -> sorted position
             self.top = float(len(values) - 1)
         else:
             assert isinstance(start, Int8Weight)
-            self.register_buffer("s0", start.scb.to(w.device).float().view(-1, 1).clone())
-            self.start_nested = None
+            s0, nested = start.scb.to(w.device).float().view(-1, 1).clone(), None
             position = start.codes.float() + 127.0
             self.top = 254.0
-        self.register_buffer("start_scales", self.s0.reshape(-1).clone())
+        self._init_scales(scheme, s0, nested)
         # Offsets start at 0 (a weight at its own position, rounding to its nearest code), except where that
         # is not the starting code (ties, clipped values): there the offset that reproduces it.
         here = self._position(self._blocks(w), self.s0).reshape(out_f, in_f)
@@ -92,7 +128,6 @@ class TunedLinear(nn.Module):
         self.register_buffer("v_low", start_offset - 0.5)
         self.register_buffer("v_high", start_offset + 0.5)
         self.v = nn.Parameter(start_offset.clone())
-        self.f = nn.Parameter(torch.ones_like(self.s0))
         self.fixed: torch.Tensor | None = None  # the weight, computed once, while evaluating without gradients
 
     # ---- the grid -------------------------------------------------------------------------
@@ -113,27 +148,9 @@ class TunedLinear(nn.Module):
         lo, hi = vals[k], vals[k + 1]
         return k + (x - lo) / (hi - lo)
 
-    def _stored(self) -> tuple[torch.Tensor, object]:
-        """The scales as bitsandbytes will store them (flat) and their double quantization, for the current factors.
-
-        Untouched factors give back the starting choice's scales exactly (double quantizing already
-        double-quantized scales again would move them by a rounding step)."""
-        if not bool((self.f != 1).any()):
-            return self.start_scales, self.start_nested
-        s = (self.s0 * self.f).detach()
-        if self.fourbit:
-            return stored_scales(s, self.scheme)
-        return s.reshape(-1), None
-
-    def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scales as tuned (continuous) and as bitsandbytes will store them, ``[out, blocks]``."""
-        s = self.s0 * self.f
-        return s, self._stored()[0].view_as(s)
-
     def _codes_and_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sorted-position codes, stored scales, and the dequantized weight (with straight-through gradients)."""
-        s, stored = self._scales()
-        s_used = _ste(stored, s)
+        stored, s_used = self._scales_used()
         blocks = self._blocks(self.w)
         u = (self._position(blocks, s_used) + self._blocks(self.v)).clamp(0.0, self.top)
         idx = torch.round(u)
@@ -260,24 +277,12 @@ def tune_layer(layer: nn.Module, tuned: dict[str, tuple[torch.Tensor, QuantizedW
             return F.mse_loss(_first(layer(x, *a32, **kw32)), t)
 
         def full_loss() -> float:
-            with torch.no_grad():
-                for m in modules.values():
-                    m.fixed = m.weight_value()
-                try:
-                    return sum(loss_on([i]).item() for i in range(len(inputs))) / len(inputs)
-                finally:
-                    for m in modules.values():
-                        m.fixed = None
+            return _mean_loss(modules.values(), loss_on, len(inputs))
 
         before = full_loss()
         start_state = {n: m.state() for n, m in modules.items()}
-        gen = torch.Generator().manual_seed(seed)
-        order: list[int] = []
         with torch.enable_grad():
-            for t in range(steps):
-                if len(order) < batch:
-                    order += torch.randperm(len(inputs), generator=gen).tolist()
-                windows, order = order[:batch], order[batch:]
+            for t, windows in enumerate(_window_batches(len(inputs), batch, steps, seed)):
                 loss = loss_on(windows)
                 loss.backward()
                 step_lr = lr * (1.0 - t / steps)
@@ -303,6 +308,29 @@ def tune_layer(layer: nn.Module, tuned: dict[str, tuple[torch.Tensor, QuantizedW
     return results, report
 
 
+def _window_batches(n: int, batch: int, steps: int, seed: int):
+    """``steps`` lists of ``batch`` window indices: shuffled passes over all ``n`` windows, in an order fixed by ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch:
+            order += torch.randperm(n, generator=gen).tolist()
+        yield order[:batch]
+        order = order[batch:]
+
+
+@torch.no_grad()
+def _mean_loss(modules, loss_on, n: int) -> float:
+    """``loss_on([i])`` averaged over all ``n`` windows, each module's weight computed once for all of them."""
+    for m in modules:
+        m.fixed = m.weight_value()
+    try:
+        return sum(loss_on([i]).item() for i in range(n)) / n
+    finally:
+        for m in modules:
+            m.fixed = None
+
+
 def _tensors(layer: nn.Module):
     return [*layer.named_parameters(), *layer.named_buffers()]
 
@@ -310,6 +338,146 @@ def _tensors(layer: nn.Module):
 def _bias(module: nn.Module) -> torch.Tensor | None:
     b = getattr(module, "bias", None)
     return None if b is None else b.detach()
+
+
+# ---- end to end: every quantized layer's stored scales at once, toward the float model's next-token distribution ----
+
+# The float model's most likely next tokens kept per position (the rest of its probability is one more bin).
+TEACHER_TOP_K = 64
+
+
+class ScaledLinear(_Scales):
+    """A chosen quantized weight with its codes fixed and a tunable factor per stored scale (the end-to-end stage).
+
+    The forward computes with exactly what bitsandbytes will dequantize (the scales as stored, after double
+    quantization when that is on; straight-through gradients to the factors)."""
+
+    def __init__(self, qw: QuantizedWeight, scheme, bias: torch.Tensor | None, device: torch.device):
+        super().__init__()
+        self.register_buffer("codes", qw.codes.to(device))
+        if isinstance(qw, FourBitWeight):
+            self.register_buffer("values", codebook(qw.quant_type, device))
+            s0, nested = qw.scales.view(qw.shape[0], -1).to(device).clone(), qw.nested
+        else:
+            assert isinstance(qw, Int8Weight)
+            s0, nested = qw.scb.to(device).float().view(-1, 1).clone(), None
+        self._init_scales(scheme, s0, nested)
+        self.start = qw
+        self.register_buffer("b", None if bias is None else bias.detach().to(device))
+        self.fixed: torch.Tensor | None = None  # the weight, computed once, while evaluating without gradients
+
+    def weight_value(self) -> torch.Tensor:
+        """The float32 weight for the current factors (with their gradient)."""
+        _, s_used = self._scales_used()
+        out_f, in_f = self.codes.shape
+        if self.fourbit:
+            q = self.values[self.codes.long()].view(out_f, -1, self.scheme.group_size)
+            return (q * s_used.unsqueeze(-1)).view(out_f, in_f)
+        return self.codes.float() * s_used * INT8_INV_127
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.fixed if self.fixed is not None else self.weight_value()
+        if not self.fourbit:
+            x = _int8_inputs(x, self.scheme.threshold)
+        return F.linear(x, w.to(x.dtype), None if self.b is None else self.b.to(x.dtype))
+
+    @torch.no_grad()
+    def result(self) -> QuantizedWeight:
+        """The same codes with the tuned scales, in bitsandbytes' terms."""
+        stored, nested = self._stored()
+        if self.fourbit:
+            q = self.start
+            return FourBitWeight(q.codes, stored.contiguous(), q.quant_type, q.group_size, q.dtype, nested)
+        return Int8Weight(codes=self.start.codes, scb=stored.reshape(-1).contiguous(), threshold=self.start.threshold)
+
+
+@torch.no_grad()
+def teacher_distribution(model: nn.Module, windows: torch.Tensor, device: torch.device, k: int,
+                         progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The float model's ``k`` most likely next tokens at every position of each window and their log-probabilities
+    (``[1, seqlen, k]`` each, on the CPU): what the end-to-end stage brings the quantized model to."""
+    out = []
+    for w in tqdm(windows, desc="float model's predictions", unit="window", leave=False, disable=not progress):
+        logits = model(w.unsqueeze(0).to(device), use_cache=False).logits
+        v, i = F.log_softmax(logits.float(), -1).topk(k, -1)
+        out.append((v.cpu(), i.to(torch.int32).cpu()))
+    return out
+
+
+def top_k_kl(logits: torch.Tensor, top_logp: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
+    """KL divergence (nats per position, mean) of ``logits`` from the teacher, both seen on the teacher's top-k tokens
+    plus one bin for all other tokens (a lower bound of the full KL, equal to it when the top k hold all the mass)."""
+    logp = F.log_softmax(logits.float(), -1)
+    s = logp.gather(-1, top_ids.long())
+    p = top_logp.exp()
+    rest_t = (1 - p.sum(-1)).clamp_min(1e-12)
+    rest_s = (1 - s.exp().sum(-1)).clamp_min(1e-12)
+    return ((p * (top_logp - s)).sum(-1) + rest_t * (rest_t.log() - rest_s.log())).mean()
+
+
+def tune_model(model: nn.Module, chosen: dict[str, tuple[QuantizedWeight, object]], windows: torch.Tensor,
+               teacher: list[tuple[torch.Tensor, torch.Tensor]], options: dict, on_step=None) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Tune the stored scales of the layers ``chosen`` (name -> chosen weight, scheme), codes fixed, all together, so
+    the model's next-token distribution on ``windows`` matches the float model's (``teacher``, from
+    :func:`teacher_distribution`): Adam on a factor per scale (within ``SCALE_RANGE``), one step per ``batch`` windows,
+    the step size decaying to 0 on a cosine. As the layer stage, the result is the better of start and end on the KL
+    over all windows. The modules are swapped for the tuning and put back; returns the tuned weights and a report."""
+    steps, batch, seed, lr = options["steps"], options["batch"], options["seed"], options["lr"]
+    t0 = time.perf_counter()
+    originals = {n: model.get_submodule(n) for n in chosen}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    modules: dict[str, ScaledLinear] = {}
+    device = model.get_input_embeddings().weight.device
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        for n, (qw, scheme) in chosen.items():
+            old = originals[n]
+            modules[n] = ScaledLinear(qw, scheme, _bias(old), next(old.parameters()).device)
+            if hasattr(old, "_hf_hook"):  # accelerate's device-placement hook (device_map="auto")
+                from accelerate.hooks import add_hook_to_module
+
+                add_hook_to_module(modules[n], old._hf_hook)
+            model.set_submodule(n, modules[n])
+
+        def loss_on(idx: list[int]) -> torch.Tensor:
+            logits = model(windows[idx].to(device), use_cache=False).logits
+            return top_k_kl(logits, *(torch.cat([teacher[i][j] for i in idx]).to(logits.device) for j in (0, 1)))
+
+        def full_loss() -> float:
+            return _mean_loss(modules.values(), loss_on, len(windows))
+
+        before = full_loss()
+        params = [m.f for m in modules.values()]
+        opt = torch.optim.Adam(params, lr=lr)
+        with torch.enable_grad():
+            for t, idx in enumerate(_window_batches(len(windows), batch, steps, seed)):
+                loss = loss_on(idx)
+                loss.backward()
+                for g in opt.param_groups:
+                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * t / steps))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for f in params:
+                        f.clamp_(*SCALE_RANGE)
+                if on_step is not None:
+                    on_step(t + 1, steps, loss.item())
+        del opt
+        after = full_loss()
+        if after > before:  # keep the start
+            with torch.no_grad():
+                for f in params:
+                    f.fill_(1.0)
+        results = {n: m.result() for n, m in modules.items()}
+        report = {"kl_before": before, "kl_after": min(before, after), "kept_start": after > before, "steps": steps,
+                  "top_k": teacher[0][0].shape[-1] if teacher else 0, "seconds": round(time.perf_counter() - t0, 2)}
+    finally:
+        for n, m in originals.items():
+            model.set_submodule(n, m)
+        for p in trainable:
+            p.requires_grad_(True)
+    return results, report
 
 
 # ---- the methods a recipe names: the starting choice per Linear; the calibrator then tunes each decoder layer ----
