@@ -405,7 +405,7 @@ class SequentialCalibrator:
             install(self.model, e, qw, self.plan.model_dtype)
             self.chosen[e.name] = qw
         if teacher is not None:
-            self.model_tune = self._tune_model(teacher, inside)
+            self.model_tune = self._tune_model(teacher, {e.name for e in outside})
         self.seconds = time.perf_counter() - t_start
         return self.chosen
 
@@ -521,13 +521,7 @@ class SequentialCalibrator:
         frozen = {rel[n]: self.chosen[n] for n in names if n not in floats and n in self.chosen
                   and not isinstance(self.chosen[n], KeptWeight)}
         o = self.spec.tune
-        bar = tqdm(total=o.steps, desc=f"tuning {prefix}", unit="step", leave=False, disable=not self.progress)
-
-        def on_step(t, steps, loss):
-            bar.update(1)
-            if t % 10 == 0 or t == steps:
-                bar.set_postfix_str(f"loss {loss:.3g}")
-
+        bar, on_step = self._step_bar(o.steps, f"tuning {prefix}", "loss", leave=False)
         try:
             results, rep = tune_layer(layer, tuned, frozen, inputs, float_out, self._args, self._kwargs, self.device,
                                       {"steps": o.steps, "lr": o.lr, "batch": o.batch, "seed": self.spec.seed},
@@ -541,22 +535,27 @@ class SequentialCalibrator:
         give_memory_back()
         return rep
 
-    def _tune_model(self, teacher: list, inside: set[str]) -> dict:
+    def _step_bar(self, total: int, desc: str, label: str, leave: bool):
+        """A progress bar counting tuning steps, and the callback that advances it (showing the loss every 10 steps)."""
+        bar = tqdm(total=total, desc=desc, unit="step", leave=leave, disable=not self.progress)
+
+        def on_step(t, steps, loss):
+            bar.update(1)
+            if t % 10 == 0 or t == steps:
+                bar.set_postfix_str(f"{label} {loss:.3g}")
+
+        return bar, on_step
+
+    def _tune_model(self, teacher: list, outside: set[str]) -> dict:
         """The end-to-end stage: the stored scales of every quantized layer of the decoder layers at once, toward the
         float model's predictions."""
         from .algorithms.tune import tune_model
         from .quantized import KeptWeight
 
         chosen = {n: (self.chosen[n], e.scheme) for n, e in self.entries.items()
-                  if any(n.startswith(p + ".") for p in inside) and not isinstance(self.chosen.get(n), (KeptWeight, type(None)))}
+                  if n not in outside and n in self.chosen and not isinstance(self.chosen[n], KeptWeight)}
         o = self.spec.tune
-        bar = tqdm(total=o.model_steps, desc="tuning the model's scales", unit="step", disable=not self.progress)
-
-        def on_step(t, steps, loss):
-            bar.update(1)
-            if t % 10 == 0 or t == steps:
-                bar.set_postfix_str(f"KL {loss:.3g}")
-
+        bar, on_step = self._step_bar(o.model_steps, "tuning the model's scales", "KL", leave=True)
         try:
             results, rep = tune_model(self.model, chosen, self.windows, teacher,
                                       {"steps": o.model_steps, "lr": o.model_lr, "batch": o.batch, "seed": self.spec.seed}, on_step)

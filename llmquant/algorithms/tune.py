@@ -81,14 +81,11 @@ class _Scales(nn.Module):
             return stored_scales(s, self.scheme)
         return s.reshape(-1), None
 
-    def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scales as tuned (continuous) and as bitsandbytes will store them, ``[out, blocks]``."""
-        s = self.s0 * self.f
-        return s, self._stored()[0].view_as(s)
-
     def _scales_used(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored scales, and the same values with the tuned scales' gradient (straight through), ``[out, blocks]``."""
-        s, stored = self._scales()
+        """The scales as bitsandbytes will store them, and the same values with the gradient of the tuned
+        (continuous) scales ``s0 * f``, straight through; both ``[out, blocks]``."""
+        s = self.s0 * self.f
+        stored = self._stored()[0].view_as(s)
         return stored, _ste(stored, s)
 
 
