@@ -52,6 +52,48 @@ def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: 
     return torch.stack([ids[s : s + seqlen] for s in starts])
 
 
+GENERATE_BATCH = 16  # windows sampled together (one KV cache of 16 x seqlen tokens)
+
+
+def generated_windows(model: nn.Module, tokenizer, n: int, seqlen: int, seed: int, progress: bool = True) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens sampled from ``model`` itself (as LLM-QAT makes its data-free training data):
+    each starts from a random ordinary token of the vocabulary (a word piece of letters), then every next token is drawn
+    from the model's own next-token distribution (temperature 1, no top-k or top-p, end of text suppressed). What the
+    model knows beyond the calibration text (other domains, text it memorised) is then seen by the calibration too.
+    Deterministic for a given ``seed`` on a given device; the global random state is left as it was."""
+    from transformers import GenerationConfig
+
+    vocab = model.get_output_embeddings().out_features
+    special = set(tokenizer.all_special_ids)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(tokenizer)))))
+    ordinary = [i for i, p in enumerate(pieces) if i not in special and p
+                and tokenizer.convert_tokens_to_string([p]).strip().isalpha()]
+    if not ordinary:
+        raise UserError("calibration.generated: the tokenizer has no ordinary word tokens to start windows from; "
+                        "set calibration.generated: 0")
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.tensor(ordinary)[torch.randint(len(ordinary), (n,), generator=gen)]
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seqlen - 1,
+                              min_new_tokens=seqlen - 1, eos_token_id=eos, pad_token_id=pad if pad is not None else 0)
+    device = next(model.parameters()).device
+    out = []
+    bar = tqdm(total=n, desc="generating calibration windows", unit="window", disable=not progress)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        for b in range(0, n, GENERATE_BATCH):
+            x = first[b : b + GENERATE_BATCH, None].to(device)
+            y = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
+            if y.shape[1] != seqlen:  # (min_new_tokens keeps every row going to the end)
+                raise RuntimeError(f"generation stopped at {y.shape[1]} of {seqlen} tokens")
+            out.append(y.cpu())
+            bar.update(len(x))
+    bar.close()
+    return torch.cat(out)
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of identical blocks holding Linear layers (the longest such ModuleList)."""
     best: tuple[str, nn.ModuleList] | None = None

@@ -35,7 +35,7 @@ from .models import (TOKENIZER_FILES, fingerprint, has_tokenizer, load_config, l
 from .stream import skeleton
 from .plan import Plan, build_plan
 from .algorithms import ALGORITHMS
-from .calibrate import SequentialCalibrator, calibration_windows, decoder_layers, needs_calibration
+from .calibrate import SequentialCalibrator, calibration_windows, decoder_layers, generated_windows, needs_calibration
 from .quantize import quantize_model
 from .recipe import Recipe, parse_size
 from .report import format_counts, human_bytes, make_console, print_plan
@@ -94,7 +94,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
     if recipe.eval and not dry_run:  # bad evaluation settings fail before the model loads
         eval_text = load_text(recipe.eval.text, "eval")
         check_tasks(recipe.eval.tasks)
-    if recipe.calibration and not dry_run:
+    if recipe.calibration and not dry_run and recipe.calibration.generated < recipe.calibration.nsamples:
         calib_text = load_text(recipe.calibration.text, "calib")
         if recipe.eval and texts_overlap(recipe.calibration.text, recipe.eval.text):
             log.print("[yellow]warning:[/] the calibration text overlaps the evaluation text; quality numbers will be optimistic")
@@ -164,7 +164,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
         calibrator = None
         if needs_calibration(plan):
             c = recipe.calibration
-            windows = calibration_windows(tokenizer, calib_text.text, c.nsamples, c.seqlen, c.seed)
+            windows = _calibration_windows(c, tokenizer, calib_text, model, progress, log.print)
             calibrator = SequentialCalibrator(model, plan, windows, c, model_device(model), progress, log.print)
             if c.activations == "disk":
                 log.print("calibration.activations: disk applies to streamed runs; this model is loaded whole, so its "
@@ -296,6 +296,9 @@ def _stream_reader(recipe: Recipe, src, model, log, plan: Plan | None = None):
     if reason is None and plan is not None and recipe.calibration is not None and recipe.calibration.tune.model_steps > 0 \
             and needs_calibration(plan):
         reason = "calibration.tune.model_steps tunes the whole model at once"
+    if reason is None and plan is not None and recipe.calibration is not None and recipe.calibration.generated > 0 \
+            and needs_calibration(plan):
+        reason = "calibration.generated samples calibration windows from the whole float model"
     if reason is None and pick_device(recipe.device).type == "cuda" and recipe.device == "auto" and torch.cuda.device_count() > 1:
         reason = "several GPUs are used through accelerate's device map"
     if reason is None:
@@ -567,6 +570,19 @@ def texts_overlap(a, b) -> bool:
     return a.source == b.source and a.range[0] < b.range[1] and b.range[0] < a.range[1]
 
 
+def _calibration_windows(c, tokenizer, text, model, progress: bool, log) -> torch.Tensor:
+    """The calibration windows of a model loaded whole: ``nsamples - generated`` drawn from the text, then
+    ``generated`` sampled from the float model itself (before anything is quantized)."""
+    drawn = c.nsamples - c.generated
+    parts = [calibration_windows(tokenizer, text.text, drawn, c.seqlen, c.seed)] if drawn else []
+    if c.generated:
+        t = time.perf_counter()
+        parts.append(generated_windows(model, tokenizer, c.generated, c.seqlen, c.seed, progress))
+        log(f"calibration: {c.generated} windows of {c.seqlen} tokens sampled from the float model in "
+            f"{time.perf_counter() - t:.0f}s" + (f", {drawn} drawn from the text" if drawn else " (no text)"))
+    return torch.cat(parts)
+
+
 def _calibration_summary(cal, text) -> dict:
     errs = [r["layer_rel_error"] for r in cal.report]
     worst = max(range(len(errs)), key=errs.__getitem__)
@@ -574,11 +590,13 @@ def _calibration_summary(cal, text) -> dict:
     e2e = cal.model_tune
     out = {
         "summary": (f"calibration: {len(errs)} decoder layers in {cal.seconds:.0f}s on {len(cal.windows)} windows of "
-                    f"{cal.windows.shape[1]} tokens; layer output error median {ordered[len(ordered) // 2]:.2%}, "
+                    f"{cal.windows.shape[1]} tokens" + (f" ({cal.spec.generated} generated)" if cal.spec.generated else "")
+                    + f"; layer output error median {ordered[len(ordered) // 2]:.2%}, "
                     f"max {errs[worst]:.2%} ({cal.report[worst]['layer']})"
                     + (f"; end to end: KL {e2e['kl_before']:.4f} -> {e2e['kl_after']:.4f}" if e2e else "")),
         "seconds": round(cal.seconds, 1),
-        "text": text.meta,
+        "text": text.meta if text is not None else None,
+        "generated": cal.spec.generated,
         "windows": list(cal.windows.shape),
         "layers": cal.report,
     }

@@ -263,6 +263,10 @@ class CalibrationSpec(StrictModel):
     nsamples: int = Field(128, ge=1)
     seqlen: int = Field(2048, ge=8)
     seed: int = 0
+    # How many of the nsamples windows are sampled from the float model itself instead of drawn from the text (as
+    # LLM-QAT makes data-free training data): they carry what the model knows beyond the calibration text. All of
+    # them: no text is read (data-free). The model is loaded whole for it (not streamed).
+    generated: int = Field(0, ge=0)
     # Re-measure each group of layers' inputs after the layers before it in the same
     # decoder layer are quantized. Slower, and it has not been shown to help here, so it is
     # off unless asked for (scripts/bench_quality.py --true-sequential compares).
@@ -276,6 +280,13 @@ class CalibrationSpec(StrictModel):
     scale_search: SearchOptions = Field(default_factory=SearchOptions)
     awq: AWQOptions = Field(default_factory=AWQOptions)
     tune: TuneOptions = Field(default_factory=TuneOptions)
+
+    @model_validator(mode="after")
+    def _generated_within_nsamples(self) -> "CalibrationSpec":
+        if self.generated > self.nsamples:
+            raise ValueError(f"calibration.generated {self.generated} is more than calibration.nsamples {self.nsamples}: "
+                             "allowed 0 to nsamples (all: no text is read)")
+        return self
 
 
 class EvalSpec(StrictModel):
@@ -400,6 +411,9 @@ class Recipe(StrictModel):
                              f"({', '.join(sorted(m for m in methods if m))}) calibrate nothing: choose gptq, gptq+tune, ... or set it to 0")
         if q.auto is not None and self.calibration is not None and self.calibration.tune.model_steps:
             raise ValueError("calibration.tune.model_steps does not work with quantization.auto: set it to 0")
+        if q.auto is not None and self.calibration is not None and self.calibration.generated:
+            raise ValueError("calibration.generated does not work with quantization.auto (its measurements stream the "
+                             "checkpoint; generating needs the whole model): set it to 0")
         if q.auto is not None:
             if self.calibration is None:
                 raise ValueError("quantization.auto measures sensitivity on calibration text: add a calibration section")

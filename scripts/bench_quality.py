@@ -59,6 +59,9 @@ ROWS = {
     "gptq-nf4-e2e": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq", "calibration": {"tune": {"model_steps": 64}}}),
     "gptq+tune-nf4-e2e": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune",
                                        "calibration": {"tune": {"model_steps": 64}}}),
+    # half of the calibration windows sampled from the float model itself (calibration.generated), half from the text
+    "gptq-nf4-gen": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq", "calibration": {"generated": 0.5}}),
+    "gptq+tune-nf4-gen": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune", "calibration": {"generated": 0.5}}),
     "gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "gptq"}),
     "awq+gptq-nf4-dq": ("llmquant", {"default": {"format": "nf4", "double_quant": True}, "method": "awq+gptq"}),
     # formats chosen per layer by quantization.auto for 4.5 bits per weight (the size of NF4 block 64), weights by GPTQ
@@ -86,6 +89,9 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
     ap.add_argument("--true-sequential", action="store_true", help="calibrate with calibration.true_sequential on")
     ap.add_argument("--json", help="also write the table as JSON here")
+    ap.add_argument("--part-marker", default="--(THE END)--",
+                    help="also report perplexity on the held-out tokens before and from this string (the demo text: the "
+                         "novel, then Project Gutenberg's license); nothing when the text does not hold it")
     args = ap.parse_args()
 
     from llmquant.calibrate import calibration_windows
@@ -109,15 +115,24 @@ def main() -> None:
     ids, _ = tokenize(tok, held.text, args.eval_tokens)
     windows = make_windows(len(ids), args.seqlen, "windows")
     targets = sum(w.n_targets for w in windows)
+    positions = torch.cat([torch.arange(w.first_target, w.end) for w in windows])  # each scored token's index in ids
+    at = held.text.find(args.part_marker) if args.part_marker else -1
+    boundary = len(tokenize(tok, held.text[:at], None)[0]) if at > 0 else None  # first token of the second part
+    if boundary is not None and not positions[0] < boundary <= positions[-1]:
+        boundary = None  # (the evaluated tokens end before it)
     cwin = calibration_windows(tok, calib.text, args.nsamples, args.seqlen, 0)
     spec = CalibrationSpec.model_validate({"text": {"source": args.text}, "nsamples": args.nsamples, "seqlen": args.seqlen,
                                            "true_sequential": args.true_sequential})
     print(f"model {args.model} ({args.dtype}, {device}); evaluation: {len(windows)} windows of {args.seqlen} tokens "
           f"({targets} scored) from [{args.split}, 1) of {args.text}; calibration: {args.nsamples} windows of "
           f"{args.seqlen} from [0, {args.split})", flush=True)
+    if boundary is not None:
+        print(f"parts: the {int((positions < boundary).sum())} scored tokens before {args.part_marker!r} and the "
+              f"{int((positions >= boundary).sum())} from it", flush=True)
 
     ref = None  # the float model's log-probabilities, written by the fp32 row (KL for the others)
     rows_out = []
+    base_parts = None
     base_ppl = None
     for name in args.rows:
         kind, opt = ROWS[name]
@@ -141,6 +156,12 @@ def main() -> None:
         row = {"row": name, "perplexity": r.perplexity, "vs_float": r.perplexity / base_ppl - 1 if base_ppl else None,
                "kl_mean": d.get("kl_divergence", {}).get("mean"), "top1": d.get("top1_agreement"),
                "bits_per_weight": bits, "quantize_seconds": seconds if kind != "float" else None}
+        if boundary is not None:
+            nll = torch.as_tensor(r.token_nll)
+            row["parts"] = [_perplexity(nll[positions < boundary]), _perplexity(nll[positions >= boundary])]
+            if kind == "float":
+                base_parts = row["parts"]
+            row["parts_vs_float"] = [p / b - 1 for p, b in zip(row["parts"], base_parts)] if base_parts else [None, None]
         rows_out.append(row)
         print(_fmt(row), flush=True)
         del m
@@ -149,9 +170,19 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for row in rows_out:
         print("| " + " | ".join(_cells(row)) + " |")
+    if boundary is not None:
+        print(f"\n| row | before {args.part_marker!r} | vs float | from it | vs float |\n|---|---|---|---|---|")
+        for row in rows_out:
+            (a, b), (da, db) = row["parts"], row["parts_vs_float"]
+            print(f"| {row['row']} | {a:.2f} | {'' if da is None or row['row'] == 'fp32' else f'{da:+.1%}'} | {b:.2f} | "
+                  f"{'' if db is None or row['row'] == 'fp32' else f'{db:+.1%}'} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows_out}, indent=2))
+
+
+def _perplexity(nll: torch.Tensor) -> float:
+    return float(torch.exp(nll.double().mean()))
 
 
 def _count(report) -> dict:
@@ -177,7 +208,15 @@ def _make(name, kind, opt, src, args, device, cwin, spec, tok, calib_text):
         m, _ = load_model(src, args.dtype, str(device))
         opt = dict(opt)
         if "calibration" in opt:  # the row's own calibration settings over the shared ones
-            spec = type(spec).model_validate({**spec.model_dump(), **opt.pop("calibration")})
+            own = dict(opt.pop("calibration"))
+            if isinstance(own.get("generated"), float):  # a share of the windows
+                own["generated"] = round(own["generated"] * spec.nsamples)
+            spec = type(spec).model_validate({**spec.model_dump(), **own})
+        if spec.generated:  # the text's first windows (as the pipeline draws them), then windows sampled from the float model
+            from llmquant.calibrate import generated_windows
+
+            cwin = torch.cat([cwin[: spec.nsamples - spec.generated],
+                              generated_windows(m, tok, spec.generated, spec.seqlen, spec.seed, progress=False)])
         q = Quantization.model_validate(opt)
         if q.auto is not None:  # formats chosen first, on the float model (calibration: the same windows)
             from llmquant import auto

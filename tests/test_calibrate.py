@@ -109,6 +109,52 @@ def test_calibration_windows_are_seeded_random_windows(tiny_dirs):
         calibration_windows(tok, "short", 2, 64, 0)
 
 
+def test_generated_windows_are_samples_of_the_model_itself():
+    from conftest import build_tiny, tiny_tokenizer
+    from llmquant.calibrate import generated_windows
+
+    model, tok = build_tiny("llama"), tiny_tokenizer()
+    with torch.no_grad():  # next-token distributions far from uniform, so sampling, greedy and random tokens differ
+        model.lm_head.weight.mul_(4)
+    rng = torch.get_rng_state()
+    w = generated_windows(model, tok, 40, 64, seed=0, progress=False)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's random state is left alone
+    assert w.shape == (40, 64) and torch.equal(w, generated_windows(model, tok, 40, 64, seed=0, progress=False))
+    assert not torch.equal(w, generated_windows(model, tok, 40, 64, seed=1, progress=False))
+    assert not (w == tok.eos_token_id).any()  # end of text never ends a window early
+    assert all(tok.decode(t).strip().isalpha() for t in w[:, :1]) and len(set(w[:, 0].tolist())) > 10
+    with torch.no_grad():
+        logp = torch.log_softmax(model(w).logits[:, :-1].float(), -1)
+    nll = -logp.gather(-1, w[:, 1:, None]).mean().item()
+    entropy = -(logp.exp() * logp).sum(-1).mean().item()
+    greedy = (logp.argmax(-1) == w[:, 1:]).float().mean().item()
+    # drawn at temperature 1 from the model: the tokens' mean surprise is the predictions' mean entropy (greedy or
+    # colder sampling would be far below it, uniform tokens far above), and the most likely token is not always taken
+    assert 1.5 < entropy < 5.5 and abs(nll - entropy) < 0.1 * entropy, (nll, entropy)
+    assert 0.05 < greedy < 0.9
+
+
+def test_calibration_on_windows_generated_by_the_model(tiny_dirs, tmp_path, texts, capsys):
+    res = calibrated(tiny_dirs("llama"), tmp_path / "mixed", texts, "gptq", generated=2, nsamples=4)
+    assert res.check.passed and not res.streamed  # (a safetensors folder: streamed otherwise)
+    err = capsys.readouterr().err
+    assert "calibration.generated samples calibration windows from the whole float model" in err
+    assert "calibration: 2 windows of 32 tokens sampled from the float model" in err and "2 drawn from the text" in err
+    meta = json.loads((tmp_path / "mixed" / "llmquant.json").read_text())["calibration"]
+    assert meta["generated"] == 2 and meta["windows"] == [4, 32] and meta["text"]["source"] == str(texts)
+    assert "(2 generated)" in meta["summary"]
+    # all windows generated: no text is read (this one does not exist)
+    res = calibrated(tiny_dirs("llama"), tmp_path / "free", tmp_path / "missing.txt", "gptq", generated=4, nsamples=4)
+    meta = json.loads((tmp_path / "free" / "llmquant.json").read_text())["calibration"]
+    assert res.check.passed and meta["text"] is None and meta["generated"] == 4
+    with pytest.raises(ValueError, match="calibration.generated 5 is more than calibration.nsamples 4: allowed 0 to nsamples"):
+        calibrated(tiny_dirs("llama"), tmp_path / "o", texts, "gptq", generated=5, nsamples=4)
+    with pytest.raises(ValueError, match="calibration.generated does not work with quantization.auto"):
+        Recipe.from_dict({"model": {"source": "x"}, "quantization": {"method": "gptq", "auto": {"bits_per_weight": 4.5}},
+                          "calibration": {"generated": 2}, "output": {"dir": "o"}})
+    assert not (tmp_path / "o").exists()
+
+
 def test_decoder_layers_are_found_in_every_family():
     from conftest import build_tiny
 
