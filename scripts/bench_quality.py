@@ -163,7 +163,9 @@ def main() -> None:
                 base_parts = row["parts"]
             row["parts_vs_float"] = [p / b - 1 for p, b in zip(row["parts"], base_parts)] if base_parts else [None, None]
         rows_out.append(row)
-        print(_fmt(row), flush=True)
+        print(_fmt(row) + ("" if boundary is None else "  parts " + " / ".join(
+            f"{p:.2f}" + ("" if d is None or kind == "float" else f" ({d:+.1%})") for p, d in zip(row["parts"], row["parts_vs_float"]))),
+            flush=True)
         del m
 
     print("\n| row | perplexity | vs float | KL (mean) | top-1 | bits/weight (Linear but head) | quantize time |")
