@@ -293,12 +293,12 @@ def _stream_reader(recipe: Recipe, src, model, log, plan: Plan | None = None):
     from .stream import CheckpointReader, local_folder, missing_tensors, stream_reason
 
     reason = stream_reason(src)
-    if reason is None and plan is not None and recipe.calibration is not None and recipe.calibration.tune.model_steps > 0 \
-            and needs_calibration(plan):
-        reason = "calibration.tune.model_steps tunes the whole model at once"
-    if reason is None and plan is not None and recipe.calibration is not None and recipe.calibration.generated > 0 \
-            and needs_calibration(plan):
-        reason = "calibration.generated samples calibration windows from the whole float model"
+    c = recipe.calibration
+    if reason is None and plan is not None and c is not None and needs_calibration(plan):
+        if c.tune.model_steps > 0:
+            reason = "calibration.tune.model_steps tunes the whole model at once"
+        elif c.generated > 0:
+            reason = "calibration.generated samples calibration windows from the whole float model"
     if reason is None and pick_device(recipe.device).type == "cuda" and recipe.device == "auto" and torch.cuda.device_count() > 1:
         reason = "several GPUs are used through accelerate's device map"
     if reason is None:

@@ -164,8 +164,7 @@ def main() -> None:
             row["parts_vs_float"] = [p / b - 1 for p, b in zip(row["parts"], base_parts)] if base_parts else [None, None]
         rows_out.append(row)
         print(_fmt(row) + ("" if boundary is None else "  parts " + " / ".join(
-            f"{p:.2f}" + ("" if d is None or kind == "float" else f" ({d:+.1%})") for p, d in zip(row["parts"], row["parts_vs_float"]))),
-            flush=True)
+            f"{p} ({d})" if d else p for p, d in _parts(row))), flush=True)
         del m
 
     print("\n| row | perplexity | vs float | KL (mean) | top-1 | bits/weight (Linear but head) | quantize time |")
@@ -175,12 +174,16 @@ def main() -> None:
     if boundary is not None:
         print(f"\n| row | before {args.part_marker!r} | vs float | from it | vs float |\n|---|---|---|---|---|")
         for row in rows_out:
-            (a, b), (da, db) = row["parts"], row["parts_vs_float"]
-            print(f"| {row['row']} | {a:.2f} | {'' if da is None or row['row'] == 'fp32' else f'{da:+.1%}'} | {b:.2f} | "
-                  f"{'' if db is None or row['row'] == 'fp32' else f'{db:+.1%}'} |")
+            print("| " + " | ".join([row["row"], *(c for part in _parts(row) for c in part)]) + " |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows_out}, indent=2))
+
+
+def _parts(row) -> list[tuple[str, str]]:
+    """Each part's perplexity and its change from the float model's (blank for the float row)."""
+    return [(f"{p:.2f}", "" if d is None or row["row"] == "fp32" else f"{d:+.1%}")
+            for p, d in zip(row["parts"], row["parts_vs_float"])]
 
 
 def _perplexity(nll: torch.Tensor) -> float:
@@ -214,11 +217,11 @@ def _make(name, kind, opt, src, args, device, cwin, spec, tok, calib_text):
             if isinstance(own.get("generated"), float):  # a share of the windows
                 own["generated"] = round(own["generated"] * spec.nsamples)
             spec = type(spec).model_validate({**spec.model_dump(), **own})
-        if spec.generated:  # the text's first windows (as the pipeline draws them), then windows sampled from the float model
-            from llmquant.calibrate import generated_windows
+        if spec.generated:  # the windows as the pipeline makes them: from the text, then sampled from the float model
+            from llmquant.data import Text
+            from llmquant.pipeline import _calibration_windows
 
-            cwin = torch.cat([cwin[: spec.nsamples - spec.generated],
-                              generated_windows(m, tok, spec.generated, spec.seqlen, spec.seed, progress=False)])
+            cwin = _calibration_windows(spec, tok, Text(calib_text, {}), m, False, lambda *a: None)
         q = Quantization.model_validate(opt)
         if q.auto is not None:  # formats chosen first, on the float model (calibration: the same windows)
             from llmquant import auto
