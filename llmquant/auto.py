@@ -206,9 +206,9 @@ def sensitivity_streamed(model: nn.Module, entries: list[PlanEntry], menus: dict
     weights and statistics of every layer (for tests: they are dropped otherwise)."""
     from pathlib import Path
 
-    from .calibrate import _first, _to, decoder_layers
     from .memory import give_memory_back
-    from .stream import _call, _logits_after_layers, first_layer_inputs, materialize_outside, release, source_layer
+    from .stream import materialize_outside, release, source_layer
+    from .walk import call_layer, capture, decoder_layers, logits_after_layers, through_layer
 
     stack, layers = decoder_layers(model)
     n = len(layers)
@@ -233,15 +233,14 @@ def sensitivity_streamed(model: nn.Module, entries: list[PlanEntry], menus: dict
 
     outer = materialize_outside(model, layers, reader, device)
     try:
-        hidden, calls = first_layer_inputs(model, layers[0], windows.unsqueeze(1), device)
+        hidden, calls = capture(model, layers, windows.unsqueeze(1), device, store="cpu")
     finally:
         release(model, outer)
     bar = tqdm(total=2 * n + 1, desc="sensitivity", unit="pass", disable=not progress)
     for i in range(n):  # forward
         torch.save(hidden, scratch / f"inputs-{i:05d}.pt")
         with source_layer(model, stack, i, reader, device) as layer:
-            for b in range(len(hidden)):
-                hidden[b] = _call(layer, hidden[b].to(device), *calls[b], device).cpu()
+            through_layer(layer, i, hidden, calls, device)
         bar.update(1)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     outer = materialize_outside(model, layers, reader, device)
@@ -250,7 +249,7 @@ def sensitivity_streamed(model: nn.Module, entries: list[PlanEntry], menus: dict
         for b, w in enumerate(windows):  # the head: tokens drawn, and the loss's gradient at the last hidden state
             rec.seen.clear()
             x = hidden[b].to(device).requires_grad_(True)
-            logits = _logits_after_layers(model, layers, w.unsqueeze(0).to(device), x, stack, grad=True)[0]
+            logits = logits_after_layers(model, layers, w.unsqueeze(0).to(device), x, stack, grad=True)[0]
             labels = _draw_labels(logits, gen)
             torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
             hidden[b] = x.grad.cpu()
@@ -269,10 +268,10 @@ def sensitivity_streamed(model: nn.Module, entries: list[PlanEntry], menus: dict
         with source_layer(model, stack, i, reader, device) as layer:
             handles = rec.attach(model, [e.name for e in inside[i]])
             try:
-                for b, (args, kwargs) in enumerate(calls):
+                for b, call in enumerate(calls.at(i, device)):
                     rec.seen.clear()
                     x = inputs[b].to(device).requires_grad_(True)
-                    _first(layer(x, *_to(args, device), **_to(kwargs, device))).backward(hidden[b].to(device))
+                    call_layer(layer, x, call, device, grad=True).backward(hidden[b].to(device))
                     hidden[b] = x.grad.cpu()
             finally:
                 for h in handles:
@@ -526,8 +525,8 @@ class StreamedKLMeter:
         from pathlib import Path
 
         from .algorithms import ALGORITHMS
-        from .calibrate import decoder_layers
-        from .stream import _call, _logits_after_layers, first_layer_inputs, materialize_outside, release, source_layer
+        from .stream import materialize_outside, release, source_layer
+        from .walk import capture, decoder_layers, logits_after_layers, through_layer
 
         self.model, self.windows, self.method, self.options = model, windows, method, options
         self.reader, self.device, self.scratch, self.progress = reader, device, Path(scratch), progress
@@ -538,7 +537,7 @@ class StreamedKLMeter:
         rec = _Recorder()
         outer = materialize_outside(model, layers, reader, device)
         try:
-            hidden, self.calls = first_layer_inputs(model, layers[0], windows.unsqueeze(1), device)
+            hidden, self.calls = capture(model, layers, windows.unsqueeze(1), device, store="cpu")
         finally:
             release(model, outer)
         torch.save(hidden, self.scratch / "kl-start.pt")
@@ -546,9 +545,7 @@ class StreamedKLMeter:
             with source_layer(model, self.stack, i, reader, device) as layer:
                 handles = rec.attach(model, [e.name for e in self.inside[i]], grads=False) if self.calibrated else []
                 try:
-                    for b in range(len(hidden)):
-                        rec.seen.clear()
-                        hidden[b] = _call(layer, hidden[b].to(device), *self.calls[b], device).cpu()
+                    through_layer(layer, i, hidden, self.calls, device, before=lambda b: rec.seen.clear())
                 finally:
                     for h in handles:
                         h.remove()
@@ -561,7 +558,7 @@ class StreamedKLMeter:
             try:
                 for b, w in enumerate(windows):
                     rec.seen.clear()
-                    _logits_after_layers(model, layers, w.unsqueeze(0).to(device), hidden[b].to(device), self.stack)
+                    logits_after_layers(model, layers, w.unsqueeze(0).to(device), hidden[b].to(device), self.stack)
             finally:
                 for h in handles:
                     h.remove()
@@ -605,9 +602,9 @@ class StreamedKLMeter:
 
     @torch.no_grad()
     def __call__(self, picked: dict) -> float:
-        from .calibrate import decoder_layers
         from .evaluate.perplexity import token_kl
-        from .stream import _call, _logits_after_layers, materialize_outside, release, source_layer
+        from .stream import materialize_outside, release, source_layer
+        from .walk import decoder_layers, logits_after_layers, through_layer
 
         model, device = self.model, self.device
         layers = decoder_layers(model)[1]
@@ -616,8 +613,7 @@ class StreamedKLMeter:
             with source_layer(model, self.stack, i, self.reader, device) as layer:
                 for name, m in self._modules(self.inside[i], picked, i).items():  # given back with the layer
                     model.set_submodule(name, m)
-                for b in range(len(hidden)):
-                    hidden[b] = _call(layer, hidden[b].to(device), *self.calls[b], device).cpu()
+                through_layer(layer, i, hidden, self.calls, device)
         ref_hidden = torch.load(self.scratch / "kl-float.pt")
         total, tokens = 0.0, 0
         outer = materialize_outside(model, layers, self.reader, device)
@@ -628,10 +624,10 @@ class StreamedKLMeter:
                 ids = w.unsqueeze(0).to(device)
                 for name, m in floats.items():
                     model.set_submodule(name, m)
-                ref = torch.log_softmax(_logits_after_layers(model, layers, ids, ref_hidden[b].to(device), self.stack)[0], -1)
+                ref = torch.log_softmax(logits_after_layers(model, layers, ids, ref_hidden[b].to(device), self.stack)[0], -1)
                 for name, m in quant.items():
                     model.set_submodule(name, m)
-                logp = torch.log_softmax(_logits_after_layers(model, layers, ids, hidden[b].to(device), self.stack)[0], -1)
+                logp = torch.log_softmax(logits_after_layers(model, layers, ids, hidden[b].to(device), self.stack)[0], -1)
                 total += float(token_kl(ref, logp).sum())
                 tokens += len(ref)
         finally:

@@ -35,11 +35,12 @@ from .algorithms import ALGORITHMS
 from .algorithms.awq import apply_scales, reader_scales, scaling_groups, search_scales
 from .algorithms.scale_search import LayerStats
 from .errors import UserError
-from .plan import Plan, PlanEntry, quantizable
+from .plan import Plan, PlanEntry
 from .quantize import install, layer_weight, quantize_layer
 from .quantized import QuantizedWeight
 from .schemes import Int8, Keep
 from .memory import give_file_pages_back, give_memory_back
+from .walk import LayerCalls, Stop, call_layer, capture, decoder_layers
 
 
 def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -92,22 +93,6 @@ def generated_windows(model: nn.Module, tokenizer, n: int, seqlen: int, seed: in
             bar.update(len(x))
     bar.close()
     return torch.cat(out)
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of identical blocks holding Linear layers (the longest such ModuleList)."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) and all(type(c) is type(m[0]) for c in m):
-            if any(quantizable(x) for x in m[0].modules()) and (best is None or len(m) > len(best[1])):
-                best = (name, m)
-    if best is None:
-        raise UserError(f"{type(model).__name__}: no stack of decoder layers found to calibrate layer by layer")
-    return best
-
-
-class _Stop(Exception):
-    pass
 
 
 class DiskWindows:
@@ -171,28 +156,6 @@ def drop_windows(windows) -> None:
     """Give back a generation of activations that is no longer needed (on disk: its files)."""
     if isinstance(windows, DiskWindows):
         windows.drop()
-
-
-def first_layer_input(model: nn.Module, first: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-    """What the model feeds its first decoder layer on ``ids``: the hidden state and the other call arguments
-    (positional, keyword: attention mask, position embeddings...). The forward stops there."""
-    saved: dict = {}
-
-    def grab(module, a, kw):
-        saved["x"] = (a[0] if a else kw["hidden_states"]).detach()
-        saved["call"] = (a[1:], {k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            try:
-                model(ids, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return saved["x"], saved["call"]
 
 
 @dataclass
@@ -301,13 +264,14 @@ class SequentialCalibrator:
         """A new, empty generation of activations: a list, or files (``calibration.activations: disk``)."""
         return [] if self.activations_dir is None else DiskWindows(self.activations_dir / tag)
 
-    def _capture_first_inputs(self, first: nn.Module) -> tuple[list[torch.Tensor], tuple, dict]:
-        inputs, calls = self._windows("inputs"), []
-        for w in self.windows[distributed.share(len(self.windows))]:  # all of them in one process
-            x, call = first_layer_input(self.model, first, w.unsqueeze(0).to(self._input_device()))
+    def _capture_inputs(self, layers: nn.ModuleList) -> tuple[list[torch.Tensor], LayerCalls]:
+        """This process's windows as the first decoder layer receives them, and every layer's own call arguments."""
+        mine = self.windows[distributed.share(len(self.windows))]  # all of them in one process
+        hidden, calls = capture(self.model, layers, mine.unsqueeze(1), self._input_device(), store=self.store)
+        inputs = self._windows("inputs")
+        for x in hidden:
             inputs.append(x)
-            calls.append(call)
-        return inputs, *calls[0]
+        return inputs, calls
 
     def _input_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
@@ -317,13 +281,12 @@ class SequentialCalibrator:
         each float output is dropped once compared (so no third copy of the activations is ever held); on disk they
         are a new generation (``tag``), the inputs' files kept until the caller drops them. Returns the squared error
         and the squared float output, summed, and the outputs."""
-        args, kwargs = _to(self._args, self.device), _to(self._kwargs, self.device)
+        calls = self.calls.at(self._index, self.device)
         outputs = inputs if isinstance(inputs, list) else self._windows(tag)
         num = den = 0
         with torch.no_grad():
             for i, x in enumerate(inputs):
-                y = layer(x.to(self.device), *args, **kwargs)
-                q, f = _first(y).detach(), float_out[i].to(self.device)
+                q, f = call_layer(layer, x.to(self.device), calls[i], self.device).detach(), float_out[i].to(self.device)
                 float_out[i] = None
                 num = num + ((q.float() - f.float()) ** 2).sum()
                 den = den + (f.float() ** 2).sum()
@@ -334,11 +297,10 @@ class SequentialCalibrator:
         return torch.as_tensor(num), torch.as_tensor(den), outputs
 
     def _run_float(self, layer: nn.Module, inputs, tag: str):
-        args, kwargs = _to(self._args, self.device), _to(self._kwargs, self.device)
+        calls = self.calls.at(self._index, self.device)
         out = self._windows(tag)
-        with torch.no_grad():
-            for x in inputs:
-                out.append(self._keep(_first(layer(x.to(self.device), *args, **kwargs)).detach()))
+        for x, call in zip(inputs, calls):
+            out.append(self._keep(call_layer(layer, x.to(self.device), call, self.device).detach()))
         return out
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
@@ -384,23 +346,22 @@ class SequentialCalibrator:
                         next(g for g in groups if g[0] == owner).append(name)
                 seen.add(name)
                 if stop_early and len(seen) == len(names):
-                    raise _Stop
+                    raise Stop
 
             return hook
 
         hooks = [self.model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
-        args, kwargs = _to(self._args, self.device), _to(self._kwargs, self.device)
+        calls = self.calls.at(self._index, self.device)
         outs = [] if stop_early else self._windows(f"{tag}.float-outputs")
         seen: set[str] = set()
         try:
             with torch.no_grad():
-                for x in inputs:
+                for x, call in zip(inputs, calls):
                     owner_of.clear()
                     seen.clear()
                     try:
-                        y = layer(x.to(self.device), *args, **kwargs)
-                        outs.append(self._keep(_first(y).detach()))
-                    except _Stop:
+                        outs.append(self._keep(call_layer(layer, x.to(self.device), call, self.device).detach()))
+                    except Stop:
                         pass
                     first_call[0] = False
         finally:
@@ -425,7 +386,7 @@ class SequentialCalibrator:
             from .algorithms import tune
 
             teacher = tune.teacher_distribution(self.model, self.windows, self._input_device(), tune.TEACHER_TOP_K, self.progress)
-        inputs, self._args, self._kwargs = self._capture_first_inputs(layers[0])
+        inputs, self.calls = self._capture_inputs(layers)
         self.float_inputs = list(inputs) if self.tracks_float_model() else None
         bar = tqdm(range(len(layers)), desc="calibrating", unit="layer", disable=not self.progress)
         for i in bar:
@@ -434,7 +395,7 @@ class SequentialCalibrator:
             home = next(layer.parameters()).device
             layer.to(self.device)
             inputs = [x.to(self.device) for x in inputs]
-            err = self._layer(layer, prefix, inputs)
+            err = self._layer(layer, i, prefix, inputs)
             layer.to(home)
             bar.set_postfix_str(f"layer {i}: output error {err['layer_rel_error']:.3%}")
             self.report.append(err)
@@ -466,7 +427,9 @@ class SequentialCalibrator:
             out.append([n])
         return out
 
-    def _layer(self, layer: nn.Module, prefix: str, inputs: list[torch.Tensor]) -> dict:
+    def _layer(self, layer: nn.Module, index: int, prefix: str, inputs: list[torch.Tensor]) -> dict:
+        """Calibrate and quantize decoder layer number ``index`` (``prefix``: its name) on its inputs."""
+        self._index = index
         names = [f"{prefix}.{n}" for n, m in layer.named_modules() if n and f"{prefix}.{n}" in self.entries]
         awq = any(ALGORITHMS[self.entries[n].method].scales_inputs for n in names)
         stats, groups, float_out = self._measure(
@@ -565,7 +528,7 @@ class SequentialCalibrator:
         o = self.spec.tune
         bar, on_step = self._step_bar(o.steps, f"tuning {prefix}", "loss", leave=False)
         try:
-            results, rep = tune_layer(layer, tuned, frozen, inputs, float_out, self._args, self._kwargs, self.device,
+            results, rep = tune_layer(layer, tuned, frozen, inputs, float_out, self.calls.of(0, self._index), self.device,
                                       {"steps": o.steps, "lr": o.lr, "batch": o.batch, "seed": self.spec.seed},
                                       self.plan.model_dtype, on_step)
         finally:
@@ -646,25 +609,6 @@ def _triangle_blocks(n: int) -> list[tuple[int, int]]:
 
 def _batch_key(e: PlanEntry):
     return (e.method, e.scheme) if ALGORITHMS[e.method].calibrated else None
-
-
-def _first(y):
-    """A decoder layer's hidden states (layers return them alone or first in a tuple)."""
-    return y[0] if isinstance(y, tuple) else y
-
-
-def _to(obj, device, float_dtype: torch.dtype | None = None):
-    """Tensors (also inside tuples, lists and dicts) moved to ``device``; floating ones also cast to ``float_dtype``
-    when given."""
-    if isinstance(obj, torch.Tensor):
-        if float_dtype is not None and obj.is_floating_point():
-            return obj.to(device=device, dtype=float_dtype)
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device, float_dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device, float_dtype) for k, v in obj.items()}
-    return obj
 
 
 def _output_energy(w: torch.Tensor, h: torch.Tensor) -> float:

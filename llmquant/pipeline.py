@@ -35,8 +35,9 @@ from .models import (TOKENIZER_FILES, fingerprint, has_tokenizer, load_config, l
 from .stream import skeleton
 from .plan import Plan, build_plan
 from .algorithms import ALGORITHMS
-from .calibrate import SequentialCalibrator, calibration_windows, decoder_layers, generated_windows, needs_calibration
+from .calibrate import SequentialCalibrator, calibration_windows, generated_windows, needs_calibration
 from .quantize import quantize_model
+from .walk import decoder_layers
 from .recipe import Recipe, parse_size
 from .report import format_counts, human_bytes, make_console, print_plan
 
@@ -465,7 +466,8 @@ def _evaluate_streamed(evaluation: Evaluation, model, reader, device, label: str
                        tasks_model=None) -> ModelResult:
     """Evaluate a skeleton's model streamed from its checkpoint, one decoder layer at a time (lm-eval tasks on
     ``tasks_model()``)."""
-    from .stream import logits_layer_by_layer, materialize_outside, release, source_layer
+    from .stream import materialize_outside, release, source_layer
+    from .walk import logits_layer_by_layer
 
     stack, layers = decoder_layers(model)
     outside = materialize_outside(model, layers, reader, device)

@@ -35,9 +35,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .memory import give_file_pages_back, give_memory_back, maps_a_file, steady_heap
+from .memory import give_file_pages_back, give_memory_back, steady_heap
 from .backends.bnb import unlink, without_cpu_repacking
-from .calibrate import DiskWindows, _first, _to, drop_windows, first_layer_input
+from .calibrate import DiskWindows, drop_windows
+from .walk import call_layer, capture, decoder_layers, logits_after_layers, logits_layer_by_layer
 from .errors import UserError
 from .plan import LLMQUANT_METHOD
 
@@ -467,7 +468,6 @@ class StreamedQuantizer:
 
     def run(self) -> torch.Tensor:
         """Quantize everything into the work folder; return the quantized model's logits on the probe input."""
-        from .calibrate import decoder_layers
         from .export import collect_tensors
 
         t0 = time.perf_counter()
@@ -494,7 +494,7 @@ class StreamedQuantizer:
         else:
             start, state = 0, self._first_inputs(layers)
         if self.calibrator is not None:
-            self.calibrator._args, self.calibrator._kwargs = state["calib_args"], state["calib_kwargs"]
+            self.calibrator.calls = state["calib_calls"]
         bar = tqdm(range(start, n), desc="quantizing", unit="layer", disable=not self.progress, initial=start, total=n)
         for i in bar:
             layer, prefix = layers[i], prefixes[i]
@@ -514,7 +514,7 @@ class StreamedQuantizer:
             if self.calibrator is not None:
                 self.calibrator.store = torch.device("cpu")  # the device holds the layer and one window at a time
                 self.calibrator.float_inputs = state.pop("float_inputs", None)
-                rep = self.calibrator._layer(layer, prefix, state.pop("inputs"))
+                rep = self.calibrator._layer(layer, i, prefix, state.pop("inputs"))
                 state["inputs"] = rep.pop("_outputs")
                 if self.calibrator.float_inputs is not None:
                     state["float_inputs"], self.calibrator.float_inputs = self.calibrator.float_inputs, None
@@ -527,7 +527,7 @@ class StreamedQuantizer:
                 # check will compute the reloaded model, which then needs no repacked copy of its weights in memory.
                 # (A calibrator has already run the layer, repacked on AVX512-BF16 CPUs: the check then repacks too.)
                 without_cpu_repacking(layer)
-            state["probe"] = _call(layer, state["probe"].to(self.device), *state["probe_call"], self.device).cpu()
+            state["probe"] = call_layer(layer, state["probe"].to(self.device), state["probe_calls"].of(0, i), self.device).cpu()
             give_memory_back()  # the forward's temporaries (bitsandbytes dequantizes each weight to multiply)
             record["seconds"] = round(time.perf_counter() - t_layer, 2)
             if "report" in record:
@@ -604,13 +604,12 @@ class StreamedQuantizer:
         """Embed the probe (and the calibration windows): the first decoder layer's inputs and call arguments."""
         outside = self._materialize_outside(layers)
         try:
-            x, call = first_layer_input(self.model, layers[0], self.probe_ids.to(self.device))
-            state = {"probe": x.cpu(), "probe_call": _to(call, "cpu")}
+            hidden, calls = capture(self.model, layers, [self.probe_ids], self.device, store="cpu")
+            state = {"probe": hidden[0], "probe_calls": calls}
             if self.calibrator is not None:
-                inputs, args, kwargs = self.calibrator._capture_first_inputs(layers[0])
-                if isinstance(inputs, list):
-                    inputs = [x.cpu() for x in inputs]
-                state.update(inputs=inputs, calib_args=_to(args, "cpu"), calib_kwargs=_to(kwargs, "cpu"))
+                self.calibrator.store = torch.device("cpu")
+                inputs, calls = self.calibrator._capture_inputs(layers)
+                state.update(inputs=inputs, calib_calls=calls)
                 if self.calibrator.tracks_float_model():
                     state["float_inputs"] = list(inputs) if isinstance(inputs, list) else inputs.copy(inputs.folder.parent / "float-inputs")
             return state
@@ -637,7 +636,7 @@ class StreamedQuantizer:
             chosen[name] = qw
         if self.lean_check:
             without_cpu_repacking(self.model)
-        logits = _logits_after_layers(self.model, layers, self.probe_ids.to(self.device), hidden.to(self.device))
+        logits = logits_after_layers(self.model, layers, self.probe_ids.to(self.device), hidden.to(self.device))
         # the embeddings (and a head kept in float) are copied file to file: only the probe's rows were read
         self.work.save("rest", as_read(collect_tensors(self.model, self.plan, chosen, outside=prefixes), unchanged), {})
         release(self.model, outside)
@@ -673,33 +672,6 @@ def release(model: nn.Module, names: list[str]) -> None:
         _release(model, n)
 
 
-def first_layer_inputs(model: nn.Module, first: nn.Module, batches, device) -> tuple[list[torch.Tensor], list]:
-    """Each batch of token ids as the first decoder layer ``first`` receives it: its hidden state and the call's other
-    arguments, on the CPU (the start of a pass over all batches one layer at a time; the embeddings must be in place)."""
-    hidden, calls = [], []
-    for ids in batches:
-        x, call = first_layer_input(model, first, ids.to(device))
-        hidden.append(x.cpu())
-        calls.append(_to(call, "cpu"))
-    return hidden, calls
-
-
-def logits_layer_by_layer(model: nn.Module, stack: str, n_layers: int, batches: list[torch.Tensor], layer_at, device,
-                          desc: str | None = None):
-    """A model's logits on each batch of token ids, one decoder layer at a time: every batch goes through the
-    embeddings, then through layer 0, then layer 1, ... (``layer_at(i)``: a context manager that has layer ``i`` in
-    place while it runs), then through the norm and head; yields each batch's logits (float32, on the CPU).
-    Only the hidden states of all batches are kept between layers, on the CPU."""
-    first = model.get_submodule(stack)
-    hidden, calls = first_layer_inputs(model, first[0], batches, device)
-    for i in tqdm(range(n_layers), desc=desc, unit="layer", disable=desc is None):
-        with layer_at(i) as layer:
-            for b in range(len(hidden)):
-                hidden[b] = _call(layer, hidden[b].to(device), *calls[b], device).cpu()
-    for ids, h in zip(batches, hidden):
-        yield _logits_after_layers(model, first, ids.to(device), h.to(device), stack)
-
-
 @contextmanager
 def source_layer(model: nn.Module, stack: str, i: int, reader: CheckpointReader, device):
     """Decoder layer ``i`` of a skeleton read from the checkpoint while in use, then given back."""
@@ -715,11 +687,6 @@ def source_layer(model: nn.Module, stack: str, i: int, reader: CheckpointReader,
         give_memory_back()
 
 
-def _call(layer, x, args, kwargs, device):
-    with torch.no_grad():
-        return _first(layer(x, *_to(args, device), **_to(kwargs, device)))
-
-
 def _release(model: nn.Module, name: str) -> None:
     """Give a module's memory back: parameters and persistent buffers to the meta device."""
     from accelerate.utils import set_module_tensor_to_device
@@ -727,73 +694,6 @@ def _release(model: nn.Module, name: str) -> None:
     m = model.get_submodule(name)
     for n in state_names(m):
         set_module_tensor_to_device(m, n, "meta")
-
-
-class _Replay(nn.Module):
-    """Stands in for all decoder layers: returns the hidden state the streamed layers computed."""
-
-    def __init__(self, hidden: torch.Tensor, like: nn.Module):
-        super().__init__()
-        self.hidden = hidden
-        self.attention_type = getattr(like, "attention_type", None)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return self.hidden
-
-
-HEAD_SLICE_BYTES = 32 << 20
-
-
-@contextmanager
-def _head_in_slices(model: nn.Module):
-    """A float head whose weight is a view of the checkpoint file (as the streamed runs and the reloaded export read
-    it) multiplies one slice of vocabulary rows at a time and gives each slice's pages back once used, so that the
-    head (0.2 GB for a 49k x 2048 bf16 head, 1 GB for 128k x 4096) is never resident whole. The logits are the same
-    numbers: each is still one row's product with the hidden state."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    w = getattr(head, "weight", None)
-    if type(head) is not nn.Linear or not isinstance(w, torch.Tensor) or not w.is_contiguous() or not maps_a_file(w):
-        yield
-        return
-    rows = max(1, HEAD_SLICE_BYTES // (w.shape[1] * w.element_size()))
-
-    def forward(x):
-        out = None
-        for s in range(0, w.shape[0], rows):
-            part = w[s : s + rows]
-            y = nn.functional.linear(x, part, None if head.bias is None else head.bias[s : s + rows])
-            if out is None:
-                out = y.new_empty(*y.shape[:-1], w.shape[0])
-            out[..., s : s + rows] = y
-            give_file_pages_back([part])
-        return out
-
-    head.forward = forward
-    try:
-        yield
-    finally:
-        del head.forward
-
-
-def _logits_after_layers(model, layers: nn.ModuleList, ids: torch.Tensor, hidden: torch.Tensor, stack_name: str | None = None,
-                         grad: bool = False) -> torch.Tensor:
-    """The model's logits on ``ids`` given its last decoder layer's output (the rest of the forward as usual): float32 on
-    the CPU, or with ``grad`` where they were computed, with autograd recording (gradients reach ``hidden``)."""
-    from .calibrate import decoder_layers
-
-    stack_name = stack_name or decoder_layers(model)[0]
-    owner, _, attr = stack_name.rpartition(".")
-    parent = model.get_submodule(owner) if owner else model
-    original = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList([_Replay(hidden, layers[0])]))
-    try:
-        with _head_in_slices(model):
-            if grad:
-                return model(ids, use_cache=False).logits.float()
-            with torch.no_grad():
-                return model(ids, use_cache=False).logits.float().cpu()
-    finally:
-        setattr(parent, attr, original)
 
 
 # ---- the written checkpoint, reloaded one layer at a time ---------------------------------------
@@ -817,7 +717,6 @@ class LayeredReload:
         from transformers.utils import logging as hf_logging
 
         from . import hf_integration  # noqa: F401  (registers the llmquant format)
-        from .calibrate import decoder_layers
 
         self.folder, self.device, self.without_repacking = Path(folder), torch.device(device), without_repacking
         config = AutoConfig.from_pretrained(str(folder))
@@ -850,6 +749,12 @@ class LayeredReload:
         self.model.eval()
         if without_repacking:
             without_cpu_repacking(self.model)
+        # The skeleton becomes the whole model: the loaded modules outside the decoder layers and layer 0 in place of its
+        # empty ones, the other layers filled while in use. Its forward is the model's own with every layer (so each
+        # layer gets its own mask and rotary embeddings; the loaded model's config names one layer alone).
+        for name in outside_modules(self.skeleton, self.layers):
+            self.skeleton.set_submodule(name, self.model.get_submodule(name))
+        self.layers[0] = self.model.get_submodule(self.stack)[0]
         self.reader = CheckpointReader(self.folder)
         give_memory_back()  # what loading left on the heap
 
@@ -920,7 +825,7 @@ class LayeredReload:
         layer in place before its forward (which may repack a layer's weights on the CPU), and with ``prefix`` None for
         the model outside its decoder layers once all batches are through (the forward reads the embeddings' rows for
         its tokens alone, the comparison all of them: so they are not held in memory while the layers run)."""
-        yield from logits_layer_by_layer(self.model, self.stack, len(self.layers), batches,
+        yield from logits_layer_by_layer(self.skeleton, self.stack, len(self.layers), batches,
                                          lambda i: self.layer(i, compare), self.device, desc)
         # the pages the forward read of tensors that are views of the file (the embeddings' rows for its tokens; a
         # head that maps the file gave its own back a slice at a time), before the comparison reads the embeddings

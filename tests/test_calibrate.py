@@ -178,15 +178,17 @@ def test_measured_inputs_are_each_layers_own(arch):
     windows = torch.randint(0, 512, (8, 24), generator=torch.Generator().manual_seed(0))
     cal = SequentialCalibrator(model, SimpleNamespace(entries=[]), windows, None, torch.device("cpu"), progress=False)
     name, layers = decoder_layers(model)
-    inputs, cal._args, cal._kwargs = cal._capture_first_inputs(layers[0])
+    inputs, cal.calls = cal._capture_inputs(layers)
+    cal._index = 0
     names = [f"{name}.0.{n}" for n, m in layers[0].named_modules() if n and quantizable(m)]
 
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1]).clone()))
              for n in names]
     with torch.no_grad():
-        for x in inputs:
-            layers[0](x, *cal._args, **cal._kwargs)
+        for b, x in enumerate(inputs):
+            args, kwargs = cal.calls.of(b, 0)
+            layers[0](x, *args, **kwargs)
     for h in hooks:
         h.remove()
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from conftest import ARCHS, TEXT
-from llmquant import pipeline
+from llmquant import pipeline, walk
 from llmquant.pipeline import run
 from llmquant.recipe import Recipe
 from llmquant.stream import ShardFiles, WorkFolder
@@ -227,7 +227,7 @@ def test_a_head_that_maps_the_checkpoint_multiplies_a_slice_at_a_time_with_the_s
     with torch.no_grad():
         whole = model(ids).logits.float()
 
-    resident, given = [], stream.give_file_pages_back
+    resident, given = [], walk.give_file_pages_back
     file = tmp_path / "m" / "model.safetensors"
     given([*model.parameters()])  # the pages the whole forward read
 
@@ -235,15 +235,15 @@ def test_a_head_that_maps_the_checkpoint_multiplies_a_slice_at_a_time_with_the_s
         resident.append(_mapped_kb(file))
         return given(tensors)
 
-    monkeypatch.setattr(stream, "give_file_pages_back", watched)
-    monkeypatch.setattr(stream, "HEAD_SLICE_BYTES", 2 << 20)  # 8 slices of the 16 MiB head
-    sliced = stream._logits_after_layers(model, model.model.layers, ids, last["h"])
+    monkeypatch.setattr(walk, "give_file_pages_back", watched)
+    monkeypatch.setattr(walk, "HEAD_SLICE_BYTES", 2 << 20)  # 8 slices of the 16 MiB head
+    sliced = walk.logits_after_layers(model, model.model.layers, ids, last["h"])
     assert len(resident) == 8
     # read a slice at a time, each given back before the next (kept, the 7 slices before the last would add 14 MiB;
     # the kernel may map a few MiB around each page read)
     assert max(resident) - resident[0] < 5 * 1024, resident
     assert (sliced - whole).abs().max() <= 1e-2 * whole.abs().max()  # each logit still one row's product
-    assert torch.equal(stream._logits_after_layers(model, model.model.layers, ids, last["h"]), sliced)
+    assert torch.equal(walk.logits_after_layers(model, model.model.layers, ids, last["h"]), sliced)
     assert "forward" not in vars(model.get_output_embeddings())  # the head's own forward is back
 
 

@@ -17,7 +17,8 @@ from llmquant.algorithms.rtn import rtn_4bit, rtn_int8
 from llmquant.algorithms.scale_search import LayerStats
 from llmquant.algorithms.tune import ScaledLinear, TunedLinear, top_k_kl, tune_layer
 from llmquant.backends.bnb import checkpoint_tensors, read_weight
-from llmquant.calibrate import calibration_windows, decoder_layers, first_layer_input
+from llmquant.calibrate import calibration_windows, decoder_layers
+from llmquant.walk import call_layer, capture
 from llmquant.errors import UserError
 from llmquant.pipeline import run
 from llmquant.quantized import codebook
@@ -115,22 +116,18 @@ def smollm2_layer(smollm2_dir, botchan_text):
     _, layers = decoder_layers(model)
 
     def inputs(windows):
-        xs = []
-        for w in windows:
-            x, (args, kwargs) = first_layer_input(model, layers[0], w.unsqueeze(0))
-            with torch.no_grad():
-                for layer in layers[:3]:
-                    x = layer(x, *args, **kwargs)
-                    x = x[0] if isinstance(x, tuple) else x
-            xs.append(x)
-        return xs, args, kwargs
+        xs, calls = capture(model, layers, windows.unsqueeze(1), "cpu")
+        for b in range(len(xs)):
+            for i in range(3):
+                xs[b] = call_layer(layers[i], xs[b], calls.of(b, i), "cpu")
+        return xs, calls.of(0, 3)
 
-    calib, args, kwargs = inputs(calibration_windows(tok, botchan_text[: int(0.6 * n)], 32, 256, 0))
-    held, _, _ = inputs(calibration_windows(tok, botchan_text[int(0.6 * n):], 8, 256, 1))
-    return layers[3], calib, held, args, kwargs
+    calib, call = inputs(calibration_windows(tok, botchan_text[: int(0.6 * n)], 32, 256, 0))
+    held, _ = inputs(calibration_windows(tok, botchan_text[int(0.6 * n):], 8, 256, 1))
+    return layers[3], calib, held, call
 
 
-def _outputs(layer, xs, args, kwargs, weights=None):
+def _outputs(layer, xs, call, weights=None):
     saved = {}
     if weights:
         for n, qw in weights.items():
@@ -138,7 +135,7 @@ def _outputs(layer, xs, args, kwargs, weights=None):
             layer.get_submodule(n).weight.data = qw.dequantize()
     try:
         with torch.no_grad():
-            return [(lambda y: y[0] if isinstance(y, tuple) else y)(layer(x, *args, **kwargs)) for x in xs]
+            return [call_layer(layer, x, call, "cpu") for x in xs]
     finally:
         for n, w in saved.items():
             layer.get_submodule(n).weight.data = w
@@ -165,13 +162,13 @@ def test_an_int8_layer_tunes_on_the_product_llm_int8_computes(threshold):
 
 
 def test_a_tuned_layer_beats_rtn_and_gptq_on_held_out_inputs(smollm2_layer):
-    layer, calib, held, args, kwargs = smollm2_layer
+    layer, calib, held, call = smollm2_layer
     scheme = FourBit(format="nf4")
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     hess: dict = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: hess.__setitem__(n, hess.get(n, 0) + (
         lambda x: x.t().double() @ x.double())(a[0].reshape(-1, a[0].shape[-1])))) for n, m in linears.items()]
-    targets = _outputs(layer, calib, args, kwargs)
+    targets = _outputs(layer, calib, call)
     for h in hooks:
         h.remove()
     tokens = sum(x.shape[1] for x in calib)
@@ -180,14 +177,14 @@ def test_a_tuned_layer_beats_rtn_and_gptq_on_held_out_inputs(smollm2_layer):
     gptq = {n: ALGORITHMS["gptq"].quantize(w, scheme, torch.float32, LayerStats((hess[n] / tokens).float(), tokens, {}))
             for n, w in weights.items()}
     opts = {"steps": 100, "lr": None, "batch": 1, "seed": 0}
-    tuned, report = tune_layer(layer, {n: (weights[n], gptq[n], scheme) for n in linears}, {}, calib, targets, args, kwargs,
+    tuned, report = tune_layer(layer, {n: (weights[n], gptq[n], scheme) for n in linears}, {}, calib, targets, call,
                                torch.device("cpu"), opts, torch.float32)
     assert all(torch.equal(layer.get_submodule(n).weight, w) for n, w in weights.items())  # the layer is given back as it was
 
-    truth = _outputs(layer, held, args, kwargs)
+    truth = _outputs(layer, held, call)
 
     def held_out_error(qws):
-        return sum(((y - t) ** 2).mean().item() for y, t in zip(_outputs(layer, held, args, kwargs, qws), truth)) / len(held)
+        return sum(((y - t) ** 2).mean().item() for y, t in zip(_outputs(layer, held, call, qws), truth)) / len(held)
 
     e_rtn, e_gptq, e_tuned = held_out_error(rtn), held_out_error(gptq), held_out_error(tuned)
     assert report["loss_after"] < 0.95 * report["loss_before"] and not report["kept_start"]

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..quantized import INT8_INV_127, FourBitWeight, Int8Weight, QuantizedWeight, codebook
 from ..schemes import FourBit, Int8
+from ..walk import call_layer, to
 from . import register
 from .gptq import GPTQ
 from .rtn import RoundToNearest
@@ -233,10 +234,12 @@ def _int8_inputs(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def tune_layer(layer: nn.Module, tuned: dict[str, tuple[torch.Tensor, QuantizedWeight, object]],
                frozen: dict[str, QuantizedWeight], inputs: list[torch.Tensor], targets: list[torch.Tensor],
-               args: tuple, kwargs: dict, device: torch.device, options: dict, dtype: torch.dtype,
+               call: tuple[tuple, dict], device: torch.device, options: dict, dtype: torch.dtype,
                on_step=None) -> tuple[dict[str, QuantizedWeight], dict]:
     """Tune the Linear layers ``tuned`` (name relative to ``layer`` -> float weight, starting choice, scheme)
-    of one decoder layer so its outputs on ``inputs`` match ``targets`` (the float layer's outputs).
+    of one decoder layer so its outputs on ``inputs`` match ``targets`` (the float layer's outputs). ``call``: the
+    layer's own call arguments (:meth:`llmquant.walk.LayerCalls.of`; the windows are of one length, so one window's
+    serve a batch of them).
 
     ``frozen``: the layer's other quantized Linear layers (they compute with their chosen weights). The
     layer's modules are swapped for the tuning and put back as they were; returns the tuned weights and a
@@ -245,7 +248,6 @@ def tune_layer(layer: nn.Module, tuned: dict[str, tuple[torch.Tensor, QuantizedW
     ``options``: steps, lr (default 0.25 / steps), batch (windows per step), seed. ``dtype``: the compute
     dtype of the results (the layer computes in float32 while tuning; its tensors get their dtypes back).
     """
-    from ..calibrate import _first, _to  # (the calibrator imports the algorithms)
 
     steps, batch, seed = options["steps"], options["batch"], options["seed"]
     lr = options.get("lr") or DEFAULT_LR_TIMES_STEPS / steps
@@ -266,12 +268,12 @@ def tune_layer(layer: nn.Module, tuned: dict[str, tuple[torch.Tensor, QuantizedW
             p.requires_grad_(False)
         dtypes = {n: t.dtype for n, t in _tensors(layer) if t.is_floating_point()}
         layer.float()
-        a32, kw32 = _to(args, device, torch.float32), _to(kwargs, device, torch.float32)
+        call32 = to(call, device, torch.float32)
 
         def loss_on(windows) -> torch.Tensor:
             x = torch.cat([inputs[i] for i in windows]).to(device).float()
             t = torch.cat([targets[i] for i in windows]).to(device).float()
-            return F.mse_loss(_first(layer(x, *a32, **kw32)), t)
+            return F.mse_loss(call_layer(layer, x, call32, device, grad=torch.is_grad_enabled()), t)
 
         def full_loss() -> float:
             return _mean_loss(modules.values(), loss_on, len(inputs))
