@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .plan import HEADER_BYTES_PER_TENSOR, Plan, PlanEntry, entry_tensors, matches
+from .plan import HEADER_BYTES_PER_TENSOR, Plan, PlanEntry, entry_tensors, is_linear, matches
 from .quantized import KeptWeight
 from .schemes import BNB_BLOCKSIZES, CPU_4BIT_ROW_TILE, DTYPE_NAMES, FourBit, Int8, Keep
 
@@ -443,7 +443,7 @@ def _module_for(orig: nn.Module, qw, dtype: torch.dtype) -> nn.Module:
 
     if isinstance(qw, KeptWeight):
         new = copy.deepcopy(orig)
-        w = qw.weight if type(orig) is nn.Linear else qw.weight.t()
+        w = qw.weight if is_linear(orig) else qw.weight.t()
         new.weight.data = w.to(device=orig.weight.device, dtype=dtype).contiguous()
         return new
     new = build_module(qw, orig.bias, dtype, orig.weight.device)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .algorithms import ALGORITHMS
+from .algorithms.gptq import FactoringError
 from .algorithms.awq import apply_scales, reader_scales, scaling_groups, search_scales
 from .algorithms.scale_search import LayerStats
 from .errors import UserError
@@ -242,6 +243,7 @@ class SequentialCalibrator:
         # with calibration.activations: disk (a streamed run), where each generation of activations is kept
         self.activations_dir: Path | None = None
         self.model_tune: dict | None = None  # the end-to-end stage's report (calibration.tune.model_steps)
+        self._said: set[str] = set()  # lines logged once per run (see _note_once)
 
     def tracks_float_model(self) -> bool:
         """Whether the float model's activations are carried beside the quantized ones (tune.target: model)."""
@@ -288,8 +290,9 @@ class SequentialCalibrator:
             for i, x in enumerate(inputs):
                 q, f = call_layer(layer, x.to(self.device), calls[i], self.device).detach(), float_out[i].to(self.device)
                 float_out[i] = None
-                num = num + ((q.float() - f.float()) ** 2).sum()
-                den = den + (f.float() ** 2).sum()
+                # each window's sums in float64: their total is then the same however the windows are shared out
+                num = num + ((q.float() - f.float()) ** 2).sum(dtype=torch.float64)
+                den = den + (f.float() ** 2).sum(dtype=torch.float64)
                 if outputs is inputs:
                     inputs[i] = self._keep(q)
                 else:
@@ -443,9 +446,7 @@ class SequentialCalibrator:
         report = {"layer": prefix, "scaled": []}
 
         # activation-aware scaling, on the float layer's statistics
-        for sg in scaling_groups(layer, prefix, self.model.config):
-            if not any(ALGORITHMS[self.entries[t].method].scales_inputs for t in sg.targets if t in self.entries):
-                continue
+        for sg in self._scaling_groups(layer, prefix, inputs) if awq else []:
             st = stats.get(sg.targets[0])
             if st is None:
                 continue
@@ -495,7 +496,14 @@ class SequentialCalibrator:
                         qws = algo.quantize_many(ws, e.scheme, self.plan.model_dtype, layer_stats)
                         return qws, [_rel_error(w, qw, layer_stats.hessian, en) for w, qw, en in zip(ws, qws, energy)]
 
-                    qws, errs = self._decide(solve)
+                    try:
+                        qws, errs = self._decide(solve)
+                    except FactoringError as err:
+                        raise UserError(f"{batch[0]}: {err}") from None
+                    for n, qw in zip(batch, qws):
+                        if getattr(qw, "damping", None) is not None:
+                            self.log(f"{n}: its inputs' Hessian is not positive definite with gptq.damp {options['damp']}; "
+                                     f"factored with damping {qw.damping:.3g} of its mean diagonal")
                     for n, err in zip(batch, errs):
                         report.setdefault("linear_rel_error", {})[n.removeprefix(prefix + ".")] = err
                 for n, qw in zip(batch, qws):
@@ -515,6 +523,43 @@ class SequentialCalibrator:
         report["layer_rel_error"] = (num / den).sqrt().item()
         report["_outputs"] = outputs  # the quantized layer's outputs (in memory: in place of its inputs)
         return report
+
+    def _scaling_groups(self, layer: nn.Module, prefix: str, inputs) -> list:
+        """The pairs of this decoder layer whose readers' method scales inputs and that are checked to keep the float
+        layer's function (on the first calibration window); what is not folded, and why, is said once per pair."""
+        from .algorithms.awq import FOLDING_TOLERANCE, folding_error, norm_readers
+
+        x, call = inputs[0].to(self.device), self.calls.at(self._index, self.device)[0]
+
+        def run():
+            return call_layer(layer, x, call, self.device)
+
+        reference = run()
+        groups, skipped = scaling_groups(layer, prefix, self.model.config, norm_readers(layer, run))
+        out = []
+        for sg in groups:
+            if not any(ALGORITHMS[self.entries[t].method].scales_inputs for t in sg.targets if t in self.entries):
+                continue
+            err = self._decide(lambda: folding_error(self.model, sg, run, reference))
+            if err <= FOLDING_TOLERANCE:
+                out.append(sg)
+            else:
+                rel = [t.removeprefix(prefix + ".") for t in sg.targets]
+                skipped.append((sg.prev.removeprefix(prefix + "."), rel,
+                                f"folding changes the float layer's output by {err:.1%} of its largest value"))
+        for prev, targets, why in skipped:
+            self._note_once(f"activation-aware scales are not folded from {prev} into {', '.join(targets)} "
+                            f"({type(layer).__name__}): {why}")
+        if not out:
+            self._note_once(f"{type(layer).__name__}: no pair of this layer takes activation-aware scales; its Linear layers "
+                            "are quantized without them")
+        return out
+
+    def _note_once(self, line: str) -> None:
+        """Say ``line`` the first time it comes (it would come again for every decoder layer of the model)."""
+        if line not in self._said:
+            self._said.add(line)
+            self.log(line)
 
     def _tune(self, layer: nn.Module, prefix: str, names: list[str], floats: dict, inputs: list, float_out: list) -> dict:
         """Tune the codes and scales of the layers in ``floats`` (from their starting choice) on the layer's output."""

@@ -210,26 +210,48 @@ def _structure_problems(ck: Checkpoint) -> list[str]:
         for bname, b in m.named_buffers(recurse=False):
             if bname not in m._non_persistent_buffers_set:
                 expected[f"{mname}.{bname}" if mname else bname] = tuple(b.shape)
+    renamed = model_names(model, list(ck.tensors), set(expected))
+    tensors = {renamed.get(k, k): v for k, v in ck.tensors.items()}
     problems = []
     missing = []
     for name, shape in expected.items():
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
-        if name in ck.tensors:
+        if name in tensors:
             if prefix in layers and layers[prefix].format in ("nf4", "fp4"):
                 want = layers[prefix].shape
                 if math.prod(want) != math.prod(shape):
                     problems.append(f"{prefix}: the weights hold a {want[0]}x{want[1]} layer, config.json describes {shape}")
-            elif ck.tensors[name][1] != shape:
-                problems.append(f"{name}: shape {ck.tensors[name][1]} in the weights, {shape} by config.json (they do not match)")
+            elif tensors[name][1] != shape:
+                problems.append(f"{name}: shape {tensors[name][1]} in the weights, {shape} by config.json (they do not match)")
         elif name not in tied:
             missing.append(name)
     if missing:
         problems.append(f"config.json describes tensors the weights do not have: {missing[0]} ({len(missing)} missing)")
     known = set(expected)
-    extra = [k for k in ck.tensors if k not in known and not _is_quant_state(k, known)]
+    extra = [k for k in tensors if k not in known and not _is_quant_state(k, known)]
     if extra:
         problems.append(f"the weights hold tensors config.json does not describe: {extra[0]} ({len(extra)} in all)")
     return problems[:5]
+
+
+def model_names(model, keys, wanted: set[str]) -> dict[str, str]:
+    """The checkpoint's tensor names (``keys``) that transformers renames when it loads ``model``, each to the model's
+    name for it (GPT-NeoX's ``embed_out.weight`` is the model's ``lm_head.weight``): transformers' own plain renamings
+    for the model, kept where the new name is one of ``wanted`` (the model's) and the old one is not."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # a transformers without renamings
+        return {}
+    renamings = [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
+    out = {}
+    for key in keys:
+        new = key
+        for t in renamings:
+            new = t.rename_source_key(new)[0]
+        if new != key and new in wanted and key not in wanted:
+            out[key] = new
+    return out
 
 
 def _is_quant_state(name: str, known: set[str]) -> bool:

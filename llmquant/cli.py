@@ -226,7 +226,7 @@ def cmd_assets(args) -> int:
         a = assets.get(n)
         if args.action == "list":
             cached = assets.asset_path(n).is_file()
-            print(f"{n:24s} {'cached' if cached else 'not fetched'}  {a.description}  [{a.requirement}]")
+            print(f"{n:28s} {'cached' if cached else 'not fetched'}  {a.description}  [{a.requirement}]")
         elif args.action == "fetch":
             print(assets.fetch(n))
         else:

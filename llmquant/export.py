@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backends.bnb import checkpoint_tensors, pack_4bit
+from .backends.bnb import pack_4bit
 from .errors import ExportCheckError, UserError
 from .memory import give_file_pages_back, give_memory_back
-from .plan import Plan
+from .quantize import collect_tensors
+from .plan import Plan, is_linear
 from .quantized import FourBitWeight, Int8Weight, KeptWeight, QuantizedWeight
 from .schemes import FourBit, Int8
 
@@ -193,67 +194,6 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 # ---- the tensors -------------------------------------------------------------------------
-
-
-def collect_tensors(model: nn.Module, plan: Plan, chosen: dict[str, QuantizedWeight], under: str | None = None,
-                    outside: list[str] | None = None, stored: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, on the CPU, from the chosen weights (never from bitsandbytes state).
-
-    ``under`` keeps only the tensors of one module (a decoder layer), ``outside`` only those outside
-    the modules named (what is left once the decoder layers are written). ``stored``: for layers whose chosen
-    weights were already turned into their checkpoint tensors (:func:`~llmquant.backends.bnb.checkpoint_tensors`
-    with no prefix), those tensors, in place of ``chosen``.
-    """
-    def wanted(name: str) -> bool:
-        if under is not None:
-            return name.startswith(under + ".")
-        return outside is None or not any(name.startswith(p + ".") for p in outside)
-
-    sd: dict[str, torch.Tensor] = {}
-    for e in plan.entries:
-        if not wanted(e.name):
-            continue
-        module = model.get_submodule(e.name)
-        prefix = f"{e.name}."
-        if e.scheme is None:
-            if "weight" in e.tensors:
-                sd[prefix + "weight"] = module.weight
-        elif stored is not None and e.name in stored:
-            sd.update({prefix + k: v for k, v in stored[e.name].items()})
-        else:
-            qw = chosen[e.name]
-            if isinstance(qw, KeptWeight):
-                sd[prefix + "weight"] = qw.weight if e.layer == "Linear" else qw.weight.t()
-            else:
-                sd.update(checkpoint_tensors(qw, prefix))
-        if e.has_bias:
-            sd[prefix + "bias"] = module.bias
-    for name in plan.other_tensors:
-        if not wanted(name):
-            continue
-        owner, _, leaf = name.rpartition(".")
-        m = model.get_submodule(owner) if owner else model
-        sd[name] = m._parameters[leaf] if leaf in m._parameters else m._buffers[leaf]
-
-    out, seen = {}, set()
-    for name, t in sd.items():
-        t = t.detach().to("cpu").contiguous()
-        if t.data_ptr() in seen and t.numel():  # safetensors refuses tensors sharing memory
-            t = t.clone()
-        seen.add(t.data_ptr())
-        out[name] = t
-    if under is None and outside is None:
-        _check_against_plan(out, plan)
-    return out
-
-
-def _check_against_plan(sd: dict[str, torch.Tensor], plan: Plan) -> None:
-    specs = plan.tensor_specs()
-    missing, extra = set(specs) - set(sd), set(sd) - set(specs)
-    assert not missing and not extra, f"checkpoint tensors differ from the plan: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}"
-    for name, (shape, dtype) in specs.items():
-        t = sd[name]
-        assert tuple(t.shape) == shape and t.dtype == dtype, f"{name}: {tuple(t.shape)} {t.dtype}, plan says {shape} {dtype}"
 
 
 def export_files(plan: Plan, max_shard_size: int):
@@ -500,7 +440,7 @@ def _compare_with_files(fresh: nn.Module, folder: Path, layers: list[dict], keep
     for name, keys in by_layer.items():
         planned.update(keys)
         qw = read_weight({k[len(name) + 1:]: files.get(k) for k in keys})
-        if isinstance(qw, KeptWeight) and type(fresh.get_submodule(name)) is not nn.Linear:
+        if isinstance(qw, KeptWeight) and not is_linear(fresh.get_submodule(name)):
             qw = KeptWeight(qw.weight.t())  # GPT-2's Conv1D stores [in, out]
         if schemes is not None and name in schemes and not _stored_as(qw, schemes[name]):
             raise ExportCheckError(f"{name} is not stored in its planned format {schemes[name].label()}")
@@ -645,7 +585,7 @@ def _compare_layers(fresh: nn.Module, entries, chosen: dict[str, QuantizedWeight
         else:
             ok = not isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
             if ok and isinstance(qw, KeptWeight):
-                w = m.weight if type(m) is nn.Linear else m.weight.t()
+                w = m.weight if is_linear(m) else m.weight.t()
                 ok = _same_values(w, qw.weight)
             what = "a float layer" if qw is None else f"a float layer holding the kept {qw.weight.dtype} weight"
         if not ok:

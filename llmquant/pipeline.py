@@ -304,6 +304,7 @@ def _stream_reader(recipe: Recipe, src, model, log, plan: Plan | None = None):
         reason = "several GPUs are used through accelerate's device map"
     if reason is None:
         reader = CheckpointReader(local_folder(src))
+        reader.rename_for(model)
         missing = missing_tensors(model, reader)
         if not missing:
             return reader

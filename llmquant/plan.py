@@ -43,16 +43,28 @@ def matches(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+# nn.Linear subclasses of transformers' models that compute exactly ``x Wᵀ + b`` (only written differently): llmquant
+# quantizes them, and writes their checkpoints in its own format, whose loading replaces them (stock transformers
+# replaces nn.Linear itself alone). Other subclasses (routers, grouped or decoupled layers) compute something else
+# and are left alone.
+PLAIN_LINEAR_SUBCLASSES = {"FalconLinear"}
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A plain Linear layer: ``nn.Linear`` itself or one of :data:`PLAIN_LINEAR_SUBCLASSES`."""
+    return type(module) is nn.Linear or (isinstance(module, nn.Linear) and type(module).__name__ in PLAIN_LINEAR_SUBCLASSES)
+
+
 def quantizable(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
-    return type(module) is nn.Linear or isinstance(module, Conv1D)
+    return is_linear(module) or isinstance(module, Conv1D)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(out_features, in_features); GPT-2's Conv1D stores its weight transposed."""
     w = module.weight
-    return (w.shape[0], w.shape[1]) if type(module) is nn.Linear else (w.shape[1], w.shape[0])
+    return (w.shape[0], w.shape[1]) if is_linear(module) else (w.shape[1], w.shape[0])
 
 
 @dataclass
@@ -139,6 +151,9 @@ class Plan:
         # model's), so a layer kept as fp16 in an fp32 model would not run there.
         if any(isinstance(e.scheme, Keep) and e.scheme.dtype != self.model_dtype for e in self.entries):
             return False
+        # Stock transformers replaces nn.Linear and Conv1D alone, not their subclasses (Falcon's FalconLinear).
+        if any(e.layer in PLAIN_LINEAR_SUBCLASSES for e in self.quantized_entries):
+            return False
         # Stock transformers never quantizes a model's keep-in-fp32 modules.
         from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -212,7 +227,7 @@ def entry_tensors(e: PlanEntry, model_dtype: torch.dtype) -> dict[str, tuple[tup
         t["weight_format"] = ((), torch.uint8)
     else:  # a float weight keeps its layer's own layout (GPT-2's Conv1D stores [in, out])
         dtype = s.dtype if isinstance(s, Keep) else model_dtype
-        t["weight"] = ((out, e.in_features) if e.layer == "Linear" else (e.in_features, out), dtype)
+        t["weight"] = ((out, e.in_features) if e.layer != "Conv1D" else (e.in_features, out), dtype)
     if e.has_bias:
         t["bias"] = ((out,), model_dtype)
     return t
@@ -289,12 +304,20 @@ def _refuse_fused_experts(model: nn.Module) -> None:
     so such experts can be neither quantized nor stored in a bitsandbytes checkpoint; leaving them in float
     would keep almost the whole model's size while calling it quantized."""
     for name, p in model.named_parameters():
-        if p.dim() == 3:
-            raise UserError(
-                f"{type(model).__name__} keeps its experts as fused 3-D tensors ({name} {tuple(p.shape)}); "
-                "bitsandbytes formats hold only 2-D Linear weights, so llmquant cannot quantize mixture-of-experts "
-                "models yet (quantize a dense model)"
-            )
+        if p.dim() != 3:
+            continue
+        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if "expert" in name:
+            what = "keeps its experts as fused 3-D tensors"
+            why = "so llmquant cannot quantize mixture-of-experts models yet (quantize a dense model)"
+        elif isinstance(owner, nn.Conv1d):
+            what = "has convolution layers (state-space or hybrid blocks, as in Mamba)"
+            why = "and its layers are not one stack of identical decoder layers llmquant can walk; llmquant quantizes transformer decoders"
+        else:
+            what = f"has 3-D weights in {type(owner).__name__} layers"
+            why = "so llmquant cannot quantize this architecture"
+        raise UserError(f"{type(model).__name__} {what} ({name} {tuple(p.shape)}); bitsandbytes formats hold only 2-D "
+                        f"Linear weights, {why}")
 
 
 def _persistent_buffers(model: nn.Module):

@@ -228,6 +228,17 @@ class CheckpointReader:
         self._stack = ExitStack()
         self._open: dict[str, object] = {}
         self._ranges: dict[str, dict[str, FileRange]] = {}
+        self._stored_as: dict[str, str] = {}  # model name -> name in the files, where they differ (see rename_for)
+
+    def rename_for(self, model: nn.Module) -> None:
+        """Also answer to the model's names for tensors the files store under older names, as transformers renames
+        them when it loads (:func:`llmquant.checkpoint.model_names`)."""
+        from .checkpoint import model_names
+
+        for key, new in model_names(model, list(self.where), set(state_names(model))).items():
+            if new not in self.where:
+                self.where[new] = self.where[key]
+                self._stored_as[new] = key
 
     def _handle(self, f: str):
         from safetensors import safe_open
@@ -237,18 +248,18 @@ class CheckpointReader:
         return self._open[f]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(self.where[name]).get_tensor(name)
+        return self._handle(self.where[name]).get_tensor(self._stored_as.get(name, name))
 
     def get_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of a tensor, reading only their bytes."""
-        return self._handle(self.where[name]).get_slice(name)[start:stop]
+        return self._handle(self.where[name]).get_slice(self._stored_as.get(name, name))[start:stop]
 
     def range(self, name: str) -> "FileRange":
         """Where a tensor's bytes lie in its file (from the file's header alone)."""
         f = self.where[name]
         if f not in self._ranges:
             self._ranges[f] = tensor_ranges(self.folder / f)[0]
-        return self._ranges[f][name]
+        return self._ranges[f][self._stored_as.get(name, name)]
 
     def _keys(self, f: str) -> list[str]:
         from safetensors import safe_open
@@ -468,7 +479,7 @@ class StreamedQuantizer:
 
     def run(self) -> torch.Tensor:
         """Quantize everything into the work folder; return the quantized model's logits on the probe input."""
-        from .export import collect_tensors
+        from .quantize import collect_tensors
 
         t0 = time.perf_counter()
         stack_name, layers = decoder_layers(self.model)
@@ -619,7 +630,7 @@ class StreamedQuantizer:
     def _rest(self, layers, prefixes, hidden) -> torch.Tensor:
         """Everything outside the decoder layers: quantized (head) or copied, written; and the probe's logits."""
         from .algorithms import ALGORITHMS
-        from .export import collect_tensors
+        from .quantize import collect_tensors
         from .quantize import install, layer_weight
 
         unchanged: dict = {}

@@ -11,6 +11,8 @@ weight of the Linear layers but the head, and the time the quantization took.
     python scripts/bench_quality.py                  # SmolLM2, held-out last 40% of the demo text
     python scripts/bench_quality.py --rows fp32 bnb-nf4 gptq-nf4 --json runs/q.json
     python scripts/bench_quality.py --model org/name --dtype bfloat16 --device cuda --nsamples 128 --seqlen 2048
+    python scripts/bench_quality.py --model asset:qwen2.5-coder-0.5b-instruct --text asset:enwiki --eval-from 0.8 \
+        --eval-tokens 12288 --rows fp32 bnb-nf4 gptq-nf4    # Wikipedia: calibrate on the first 60%, evaluate the last 20%
 
 Calibration uses random windows (fixed seed) of the first 60% of the text, evaluation
 the last 40%: they never overlap.
@@ -80,6 +82,9 @@ def main() -> None:
     ap.add_argument("--model", default="asset:smollm2-135m-instruct")
     ap.add_argument("--text", default="asset:botchan")
     ap.add_argument("--split", type=float, default=0.6, help="calibration uses [0, split) of the text, evaluation [split, 1)")
+    ap.add_argument("--eval-from", type=float, default=None,
+                    help="evaluation uses [eval-from, 1) of the text instead (at least --split): e.g. 0.8 with "
+                         "asset:enwiki, the last 20%% of the articles")
     ap.add_argument("--seqlen", type=int, default=512, help="evaluation and calibration window length")
     ap.add_argument("--nsamples", type=int, default=64, help="calibration windows")
     ap.add_argument("--eval-tokens", type=int, default=None, help="evaluate only the first N held-out tokens")
@@ -110,7 +115,8 @@ def main() -> None:
     del model
     src = resolve_source(str(float_dir))
 
-    held = load_text(TextSpec(source=args.text, range=(args.split, 1.0)))
+    eval_from = max(args.split, args.eval_from) if args.eval_from is not None else args.split
+    held = load_text(TextSpec(source=args.text, range=(eval_from, 1.0)))
     calib = load_text(TextSpec(source=args.text, range=(0.0, args.split)))
     ids, _ = tokenize(tok, held.text, args.eval_tokens)
     windows = make_windows(len(ids), args.seqlen, "windows")
@@ -124,7 +130,7 @@ def main() -> None:
     spec = CalibrationSpec.model_validate({"text": {"source": args.text}, "nsamples": args.nsamples, "seqlen": args.seqlen,
                                            "true_sequential": args.true_sequential})
     print(f"model {args.model} ({args.dtype}, {device}); evaluation: {len(windows)} windows of {args.seqlen} tokens "
-          f"({targets} scored) from [{args.split}, 1) of {args.text}; calibration: {args.nsamples} windows of "
+          f"({targets} scored) from [{eval_from}, 1) of {args.text}; calibration: {args.nsamples} windows of "
           f"{args.seqlen} from [0, {args.split})", flush=True)
     if boundary is not None:
         print(f"parts: the {int((positions < boundary).sum())} scored tokens before {args.part_marker!r} and the "

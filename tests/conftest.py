@@ -97,11 +97,55 @@ def tiny_config(arch: str):
 ARCHS = ["llama", "qwen2", "mistral", "gpt2", "opt"]
 
 
-def build_tiny(arch: str, dtype=torch.float32):
+def family_config(arch: str):
+    """The family matrix: tiny configs (hidden 64, 4 layers) of the architectures users bring, each with the pattern
+    that makes it different: sliding-window layers beside full ones (Qwen2, Gemma 2/3, Cohere 2), a local rotary base
+    beside a global one (Gemma 3), parallel residual blocks (Phi, GPT-NeoX, StableLM, Cohere, Falcon), post-norm
+    blocks (OLMo 2), fused projections (Phi-3), norms of q and k (Qwen3, OLMo 2), scaled embeddings, residuals and
+    logits (Granite, Gemma), Conv1D layers (GPT-2). Windows longer than the sliding window (8) show the masks."""
+    import transformers as tf
+
+    c = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    att = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256)
+    return {
+        "llama": lambda: tf.LlamaConfig(**att, tie_word_embeddings=False, **c),
+        "mistral": lambda: tf.MistralConfig(**att, sliding_window=8, **c),
+        "qwen2": lambda: tf.Qwen2Config(**att, use_sliding_window=True, sliding_window=8, max_window_layers=2,
+                                        tie_word_embeddings=False, **c),
+        "qwen3": lambda: tf.Qwen3Config(**att, head_dim=16, **c),
+        "gemma2": lambda: tf.Gemma2Config(**att, head_dim=16, sliding_window=8, **c),
+        "gemma3": lambda: tf.Gemma3TextConfig(**att, head_dim=16, sliding_window=8, sliding_window_pattern=2,
+                                              rope_theta=10000.0, rope_local_base_freq=100.0, **c),
+        "cohere": lambda: tf.CohereConfig(**att, **c),
+        "cohere2": lambda: tf.Cohere2Config(**att, sliding_window=8, sliding_window_pattern=2, **c),
+        "phi": lambda: tf.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                    partial_rotary_factor=0.5, max_position_embeddings=256, **c),
+        "phi3": lambda: tf.Phi3Config(**att, **c),
+        "olmo2": lambda: tf.Olmo2Config(**att, **c),
+        "stablelm": lambda: tf.StableLmConfig(**att, use_parallel_residual=True, **c),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                             use_parallel_residual=True, rotary_pct=0.5, max_position_embeddings=256, **c),
+        "falcon": lambda: tf.FalconConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, parallel_attn=True,
+                                          new_decoder_architecture=False, alibi=False, **c),
+        "granite": lambda: tf.GraniteConfig(**att, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.25,
+                                            logits_scaling=4.0, **c),
+        "starcoder2": lambda: tf.Starcoder2Config(**att, sliding_window=8, **c),
+        "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=256, **c),
+        "opt": lambda: tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
+                                    word_embed_proj_dim=64, max_position_embeddings=256, **c),
+    }[arch]()
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "cohere", "cohere2", "phi", "phi3", "olmo2",
+            "stablelm", "gpt_neox", "falcon", "granite", "starcoder2", "gpt2", "opt"]
+
+
+def build_tiny(arch: str, dtype=torch.float32, config=None):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_config(config or tiny_config(arch), dtype=dtype).eval()
     # Random init has tiny weights; widen them so quantization error is visible in the logits.
     with torch.no_grad():
         for p in model.parameters():
@@ -129,21 +173,51 @@ def tiny_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir():
-    """The real SmolLM2-135M-Instruct as a float32 transformers folder (converted once from the GGUF asset)."""
+def family_dirs(tmp_path_factory):
+    """arch -> folder holding a saved model of the family matrix (:func:`family_config`) with a tokenizer."""
+    root = tmp_path_factory.mktemp("families")
+    made: dict[str, Path] = {}
+    tok = tiny_tokenizer()
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            d = root / arch
+            build_tiny(arch, config=family_config(arch)).save_pretrained(d)
+            tok.save_pretrained(d)
+            made[arch] = d
+        return made[arch]
+
+    return get
+
+
+def converted(asset: str) -> Path:
+    """A GGUF model asset as a float32 transformers folder (converted once, into the asset cache)."""
     from llmquant.models import load_model, resolve_source
 
-    gguf = assets.fetch("smollm2-135m-instruct", quiet=True)
-    dest = assets.cache_dir() / "converted" / "smollm2-135m-instruct-float32"
+    gguf = assets.fetch(asset, quiet=True)
+    dest = assets.cache_dir() / "converted" / f"{asset}-float32"
     if not (dest / "model.safetensors").is_file():
         model, tok = load_model(resolve_source(str(gguf)), "float32", "cpu")
         tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        del model
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as a float32 transformers folder (converted once from the GGUF asset)."""
+    return converted("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def qwen_dir():
+    """The real Qwen2.5-Coder-0.5B-Instruct as a float32 transformers folder (converted once from the GGUF asset)."""
+    return converted("qwen2.5-coder-0.5b-instruct")
 
 
 @pytest.fixture(scope="session")

@@ -260,3 +260,29 @@ def test_gptq_handed_its_hessian_consumes_it_and_chooses_the_same_weights(scheme
     assert torch.equal(h, kept) == dynamic  # else permuted and factored in place
     assert torch.equal(handed.dequantize(), mine.dequantize())
     assert handed.output_error == pytest.approx(mine.output_error, rel=1e-6)
+
+
+def test_a_hessian_that_is_not_positive_definite_gets_more_damping_and_non_finite_statistics_one_error():
+    """Inputs that are nearly dependent (here: 8 directions in 128 columns, and a float32 sum that leaves the
+    Hessian indefinite) make torch's Cholesky factoring fail; GPTQ damps the failing blocks more until it factors,
+    says how much, and still beats rounding to nearest. Statistics that are not finite give one clear error."""
+    from llmquant.algorithms.gptq import FactoringError
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=g) @ torch.randn(8, 128, generator=g)
+    h = x.t() @ x / len(x)
+    h -= 0.05 * torch.eye(128) * h.diagonal().mean()  # indefinite: damp 0.01 alone does not make it definite
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(h + 0.01 * h.diagonal().mean() * torch.eye(128))
+    w = torch.randn(64, 128, generator=g) * 0.05
+    scheme = FourBit(format="nf4", group_size=32)
+    q = gptq_layers([w], h.clone(), scheme, torch.float32, damp=0.01, act_order=False)[0]
+    assert q.damping > 0.06 and torch.isfinite(q.dequantize()).all()
+    def err(qw):
+        e = w - qw.dequantize().float()
+        return float(((e @ (x.t() @ x)) * e).sum())
+    assert err(q) < err(rtn_4bit(w, scheme, torch.float32))
+    bad = h.clone()
+    bad[3, 3] = float("nan")
+    with pytest.raises(FactoringError, match="could not be factored"):
+        gptq_layers([w], bad, scheme, torch.float32, damp=0.01, act_order=False)

@@ -199,7 +199,7 @@ def test_sharded_export(tiny_dirs, tmp_path):
 @pytest.mark.parametrize("repacked", [False, True], ids=["plain-cpu", "avx512bf16-repacked"])
 def test_exported_4bit_scales_are_exact_whatever_the_cpu_did(tiny_dirs, repacked, no_cpu_repacking):
     """The export is written from the chosen codes and scales, never from bitsandbytes' (possibly repacked) state."""
-    from llmquant.export import collect_tensors
+    from llmquant.quantize import collect_tensors
     from llmquant.models import load_model, resolve_source
     from llmquant.plan import build_plan
     from llmquant.quantize import quantize_model

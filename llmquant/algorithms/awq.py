@@ -15,11 +15,15 @@ The search objective is the layers' output error under the real format:
   token to int8) on a sample of calibration tokens: for LLM.int8 the scaling mostly
   matters because it flattens the activations that get quantized.
 
-Which norm or Linear precedes which layers is a table of name patterns (Llama, Qwen2,
-Mistral and other Llama-style decoders; OPT). With grouped-query attention, o_proj's input
-repeats each v_proj output channel once per query head sharing it, so one scale per v_proj
-channel is folded into all the o_proj columns that read it. A pair whose shapes still do
-not fit, or whose norm is not a plain ``weight * x`` (Gemma's ``1 + weight``), is skipped.
+A norm's readers are the Linear layers its output tensor reaches in the layer's own forward
+(so a parallel-residual block's norm is folded into attention and MLP together, and a
+post-norm block's norms, which feed no Linear, into nothing); Linear -> Linear pairs are a
+short table of names. With grouped-query attention, o_proj's input repeats each v_proj
+output channel once per query head sharing it, so one scale per v_proj channel is folded
+into all the o_proj columns that read it. Every pair is checked on calibration tokens
+before it is folded (exactly, with power-of-two scales); a pair whose shapes do not fit,
+whose norm is not a plain ``weight * x`` (Gemma's ``1 + weight``) or that changes the
+float layer is not folded, and the run says why.
 """
 
 from __future__ import annotations
@@ -29,19 +33,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..plan import is_linear
 from ..quantized import INT8_INV_127, codebook
 from ..schemes import FourBit, Int8
 from .grid import quadratic_error, round_4bit, round_int8
 
-# (the module producing the activation, the Linear layers reading it), relative to a decoder layer.
-SCALING_PAIRS = [
-    ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+# Linear -> Linear pairs, relative to a decoder layer: the reader's input is the producer's output after an operation
+# that commutes with positive per-channel scales (attention's weighted sum of values; SwiGLU's product with the gate;
+# OPT's ReLU). A norm's readers are not listed: they are found from the layer's own forward (:func:`norm_readers`).
+# Every pair is checked on the layer before it is folded (:func:`folding_error`), so a pair listed here that does not
+# hold for a family (Phi's GELU between fc1 and fc2) is refused there, not folded.
+LINEAR_PAIRS = [
     ("self_attn.v_proj", ["self_attn.o_proj"]),
-    ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
     ("mlp.up_proj", ["mlp.down_proj"]),
-    ("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),  # OPT
-    ("final_layer_norm", ["fc1"]),
-    ("fc1", ["fc2"]),  # OPT's ReLU commutes with positive scales
+    ("fc1", ["fc2"]),
+    ("mlp.fc1", ["mlp.fc2"]),
 ]
 
 
@@ -68,37 +74,101 @@ def _gqa_map(config, v_out: int, o_in: int) -> torch.Tensor | None:
     return (j // head_dim) // (heads // kv) * head_dim + j % head_dim
 
 
-def _plain_norm(m: nn.Module, width: int) -> bool:
+def _norm_like(m: nn.Module) -> bool:
+    """A module with a 1-D ``weight`` that is not a Linear layer (a LayerNorm or RMSNorm of some family)."""
     w = getattr(m, "weight", None)
-    return (
-        isinstance(w, torch.Tensor) and w.dim() == 1 and w.shape[0] == width
-        and "Gemma" not in type(m).__name__ and "norm" in type(m).__name__.lower()
-    )
+    return isinstance(w, torch.Tensor) and w.dim() == 1 and not isinstance(m, nn.Linear)
 
 
-def scaling_groups(layer: nn.Module, prefix: str, config=None) -> list[ScalingGroup]:
-    """The (producer, readers) pairs of this decoder layer that can take folded scales."""
-    out = []
+def norm_readers(layer: nn.Module, run) -> dict[str, list[str]]:
+    """For each norm of a decoder layer, the Linear layers that read its output tensor itself, found by ``run()``
+    (one forward of the layer): in a parallel-residual block (Phi, GPT-NeoX, Cohere, Falcon) one norm feeds both
+    attention and MLP; in a post-norm block (OLMo 2) a norm's output feeds no Linear at all. Names relative to
+    ``layer``."""
+    names = {m: n for n, m in layer.named_modules()}
+    outputs: dict[str, torch.Tensor] = {}  # norm -> its output (held until the forward ends)
+    readers: dict[str, list[str]] = {}
+
+    def norm_hook(module, args, out):
+        if isinstance(out, torch.Tensor):
+            outputs[names[module]] = out
+
+    def linear_hook(module, args):
+        for norm, out in outputs.items():
+            if args and args[0] is out:
+                readers.setdefault(norm, []).append(names[module])
+
+    handles = [m.register_forward_hook(norm_hook) for m in names if _norm_like(m)]
+    handles += [m.register_forward_pre_hook(linear_hook) for m in names if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: list(dict.fromkeys(r)) for n, r in readers.items()}
+
+
+def scaling_groups(layer: nn.Module, prefix: str, config=None, readers: dict[str, list[str]] | None = None
+                   ) -> tuple[list[ScalingGroup], list[tuple[str, list[str], str]]]:
+    """The (producer, readers) pairs of this decoder layer that may take folded scales, and those that cannot, each
+    with the reason: ``(producer, readers, why)`` (names relative to the layer). ``readers``: each norm's readers
+    (:func:`norm_readers`); without it, no norm is a producer. A pair returned still has to pass
+    :func:`folding_error` on the layer."""
+    out, skipped = [], []
     names = dict(layer.named_modules())
-    for prev, targets in SCALING_PAIRS:
-        if prev not in names or not all(t in names for t in targets):
+    pairs = [(p, t) for p, t in (readers or {}).items()] + [(p, t) for p, t in LINEAR_PAIRS if p in names]
+    for prev, targets in pairs:
+        if not all(t in names for t in targets):
             continue
-        readers = [names[t] for t in targets]
-        if not all(type(r) is nn.Linear for r in readers):
+        p, rs = names[prev], [names[t] for t in targets]
+        if not all(is_linear(r) for r in rs):
+            skipped.append((prev, targets, "a reader is not a plain Linear layer"))
             continue
-        width = readers[0].in_features
-        if any(r.in_features != width for r in readers):
+        width = rs[0].in_features
+        if any(r.in_features != width for r in rs):
+            skipped.append((prev, targets, "its readers have different input widths"))
             continue
-        p = names[prev]
         expand = None
-        if type(p) is nn.Linear and p.out_features != width and prev.endswith("v_proj") and config is not None:
-            expand = _gqa_map(config, p.out_features, width)
-            ok = expand is not None
-        else:
-            ok = (type(p) is nn.Linear and p.out_features == width) or _plain_norm(p, width)
-        if ok:
-            out.append(ScalingGroup(f"{prefix}.{prev}", [f"{prefix}.{t}" for t in targets], expand))
-    return out
+        if is_linear(p):
+            if p.out_features != width:
+                expand = _gqa_map(config, p.out_features, width) if config is not None and prev.endswith("v_proj") else None
+                if expand is None:
+                    skipped.append((prev, targets, f"its {p.out_features} outputs do not map onto the readers' {width} inputs"))
+                    continue
+        elif "Gemma" in type(p).__name__:
+            skipped.append((prev, targets, f"{type(p).__name__} multiplies by (1 + weight), which a scale cannot divide exactly"))
+            continue
+        elif p.weight.shape[0] != width:
+            skipped.append((prev, targets, "the norm's width is not its readers' input width"))
+            continue
+        out.append(ScalingGroup(f"{prefix}.{prev}", [f"{prefix}.{t}" for t in targets], expand))
+    return out, skipped
+
+
+@torch.no_grad()
+def folding_error(model: nn.Module, group: ScalingGroup, run, reference: torch.Tensor, seed: int = 0) -> float:
+    """How far folding scales into ``group`` changes what the float decoder layer computes: ``run()`` (the layer's
+    forward on calibration tokens) is compared with ``reference`` (its output before) after folding random powers
+    of two (1/4 to 4) per channel, which every floating-point type multiplies and divides exactly: a pair that
+    preserves the function gives the same numbers up to the order of sums, a pair that does not (a norm that also
+    feeds another block, a non-linearity that does not commute with scales) changes them by a large fraction.
+    Returns max |Δ| / max |reference|; the weights are left exactly as they were."""
+    prev = model.get_submodule(group.prev)
+    width = prev.weight.shape[0]
+    s = torch.pow(2.0, torch.randint(-2, 3, (width,), generator=torch.Generator().manual_seed(seed)).float())
+    saved = [(t, t.data.clone()) for t in [prev.weight, getattr(prev, "bias", None),
+                                            *(model.get_submodule(n).weight for n in group.targets)] if t is not None]
+    try:
+        apply_scales(model, group, s)
+        y = run()
+    finally:
+        for t, data in saved:
+            t.data = data
+    return float((y.float() - reference.float()).abs().max() / reference.float().abs().max().clamp_min(1e-30))
+
+
+FOLDING_TOLERANCE = 1e-3  # of the layer's largest output: float rounding stays far below, a broken fold far above
 
 
 # Integer matrix products of int8 codes: exact, and on CPUs with AVX-512 about twice as fast as float32 (as
@@ -237,7 +307,7 @@ def apply_scales(model: nn.Module, group: ScalingGroup, s: torch.Tensor) -> None
     dt = prev.weight.dtype
     s = s.to(prev.weight.device, torch.float32)
     reader_s = reader_scales(s, group.expand)
-    if type(prev) is nn.Linear:
+    if is_linear(prev):
         prev.weight.data = (prev.weight.float() / s.unsqueeze(1)).to(dt)
     else:
         prev.weight.data = (prev.weight.float() / s).to(dt)

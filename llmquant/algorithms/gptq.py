@@ -98,9 +98,11 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
         hp = _permute_in_place(h, perm) if mine else h[perm.unsqueeze(1), perm.unsqueeze(0)]
     if static:
         h = None  # only dynamic block scales read it again; n x n floats each copy, so hold as few as can be
-    lam = damp * torch.mean(torch.diag(hp))
+    mean_diag = torch.mean(torch.diag(hp))
+    lam = damp * mean_diag
     hp.diagonal().add_(lam)
-    hinv = inverse_cholesky_upper(hp)  # in hp's memory: one n x n matrix, not two, while factoring
+    added: list[float] = []
+    hinv = inverse_cholesky_upper(hp, step=float(lam), added=added)  # in hp's memory: one n x n matrix, not two
     del hp
 
     out = []
@@ -118,6 +120,8 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
         if rounded is not None:
             q.latent = rounded
         q.output_error = max(float(compensated - lam * squared), 0.0)
+        if added:  # the Hessian was not positive definite with the damping asked for
+            q.damping = damp + max(added) / float(mean_diag)
         out.append(q)
     return out
 
@@ -128,7 +132,14 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
 FACTOR_BLOCK = 512
 
 
-def inverse_cholesky_upper(a: torch.Tensor, block: int | None = None) -> torch.Tensor:
+class FactoringError(ValueError):
+    """The Hessian could not be factored even with much more damping (non-finite statistics)."""
+
+
+DAMPING_TRIES = 30  # each doubles the extra damping, from the damping asked for: up to 2^30 times it
+
+
+def inverse_cholesky_upper(a: torch.Tensor, block: int | None = None, step: float = 0.0, added: list | None = None) -> torch.Tensor:
     """The upper Cholesky factor ``U`` of ``a⁻¹`` (``a⁻¹ = Uᵀ U``, what GPTQ's column updates read), computed in
     ``a``'s own memory (``a`` symmetric positive definite, float, consumed; returned).
 
@@ -137,12 +148,31 @@ def inverse_cholesky_upper(a: torch.Tensor, block: int | None = None) -> torch.T
     it is ``U``. ``L`` and then ``L⁻¹`` are computed a block of columns at a time over ``a`` itself, so the
     factoring holds one ``n x n`` matrix where factoring, inverting and factoring again (torch's
     ``cholesky``, ``cholesky_inverse``, ``cholesky``) hold two; equal to that up to float32 rounding (a test checks).
+
+    A diagonal block that is not positive definite (a Hessian of nearly dependent inputs, in float32) gets more
+    damping on its diagonal, ``step`` and then twice as much each try (a modified Cholesky factoring: the columns
+    before it keep theirs), and the amount each such block got is appended to ``added``; :class:`FactoringError` when
+    :data:`DAMPING_TRIES` tries do not do.
     """
     n, block = a.shape[0], block or FACTOR_BLOCK
     _reverse(a)
     for k in range(0, n, block):  # the lower factor, right-looking: factor a diagonal block, solve its panel, update
         e = min(k + block, n)
-        d = torch.linalg.cholesky(a[k:e, k:e])
+        d, info = torch.linalg.cholesky_ex(a[k:e, k:e])
+        extra = max(step, 1e-8 * float(a[k:e, k:e].diagonal().abs().mean()), 1e-12)
+        total = 0.0
+        for _ in range(DAMPING_TRIES):
+            if not info.item():
+                break
+            a[k:e, k:e].diagonal().add_(extra)
+            total += extra
+            d, info = torch.linalg.cholesky_ex(a[k:e, k:e])
+            extra *= 2
+        if total and added is not None:
+            added.append(total)
+        if info.item():
+            raise FactoringError("the inputs' Hessian could not be factored, even with much more damping (non-finite "
+                                 "calibration activations?)")
         a[k:e, k:e] = d
         a[k:e, e:] = 0.0
         if e < n:

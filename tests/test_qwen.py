@@ -1,0 +1,54 @@
+"""Integration tests on the real Qwen2.5-Coder-0.5B-Instruct (offline asset: Qwen2 architecture, untied head, biases on
+q/k/v) and the Wikipedia text, on small token counts."""
+
+import io
+import json
+import re
+
+import pytest
+from rich.console import Console
+
+from llmquant import assets, pipeline
+from llmquant.pipeline import run
+from llmquant.recipe import Recipe
+
+pytestmark = pytest.mark.slow
+
+
+def recipe(model_dir, out):
+    text = {"source": "asset:enwiki"}
+    return Recipe.from_dict({
+        "model": {"source": str(model_dir)}, "device": "cpu",
+        "quantization": {"default": {"format": "nf4", "group_size": 64}, "method": "gptq",
+                         "rules": [{"match": "*.self_attn.*", "format": "int8", "threshold": 6.0}]},
+        "calibration": {"text": {**text, "range": [0.0, 0.6]}, "nsamples": 2, "seqlen": 64},
+        "eval": {"text": {**text, "range": [0.8, 1.0]}, "seqlen": 128, "max_tokens": 256, "divergence_tokens": 128},
+        "output": {"dir": str(out)},
+    })
+
+
+def test_streamed_and_in_memory_runs_write_the_same_bytes_and_measure_the_same(qwen_dir, tmp_path, monkeypatch):
+    streamed = run(recipe(qwen_dir, tmp_path / "streamed"), console=Console(file=io.StringIO()), progress=False)
+    assert streamed.streamed and streamed.check.passed
+    monkeypatch.setattr(pipeline, "_stream_reader", lambda *a: None)
+    whole = run(recipe(qwen_dir, tmp_path / "whole"), console=Console(file=io.StringIO()), progress=False)
+    assert not whole.streamed and whole.check.passed
+    files = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (tmp_path / "streamed").glob("*.safetensors"))
+    for f in files:
+        assert (tmp_path / "streamed" / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["models"] for d in ("streamed", "whole"))
+    assert a["baseline"]["perplexity"] == pytest.approx(b["baseline"]["perplexity"], rel=1e-4)
+    assert a["quantized"]["perplexity"] == pytest.approx(b["quantized"]["perplexity"], rel=1e-3)
+    assert 1 < b["baseline"]["perplexity"] < 100  # a real model on real text
+    cfg = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["quantization_config"]["quant_method"] == "llmquant"
+
+
+def test_the_wikipedia_text_is_plain_articles():
+    text = assets.fetch("enwiki", quiet=True).read_text(encoding="utf-8")
+    assert text.startswith(" = Anarchism = \n\nAnarchism is a political philosophy")
+    titles = re.findall(r"^ = [^=\n][^\n]* = $", text, flags=re.M)
+    assert len(titles) == 106 and " = = History = = " in text  # the articles and their sections
+    for markup in ("{{", "}}", "[[", "]]", "<ref", "'''", "&nbsp;", "{|", "[http"):
+        assert markup not in text, markup
