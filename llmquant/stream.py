@@ -679,8 +679,11 @@ def materialize_outside(model: nn.Module, layers, reader: CheckpointReader, devi
 
 
 def release(model: nn.Module, names: list[str]) -> None:
+    """Give back the memory of the modules :func:`materialize_outside` read; tied weights stay one parameter (each
+    module's given back on its own would leave a head and its embeddings two, and both would be written)."""
     for n in names:
         _release(model, n)
+    model.tie_weights()
 
 
 @contextmanager

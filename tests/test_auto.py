@@ -430,3 +430,31 @@ def test_kl_target_is_met_on_the_calibration_text(tiny_dirs, tmp_path, text):
     assert kl == pytest.approx(a["measured_kl"], rel=1e-3) and kl <= target * (1 + 1e-3)
     assert "quality target of kl" in (tmp_path / "out" / "README.md").read_text()
     assert Recipe.load(tmp_path / "out" / "recipe.yaml").quantization.auto is None
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2", "opt"])
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_tied_head_stays_tied_in_an_auto_export(tiny_dirs, tmp_path, text, monkeypatch, arch, streamed):
+    """A head tied to the input embeddings is one tensor in the files whatever path chose the mix, the reloaded
+    model's head and embeddings share it, and the export is the size of a rules-based export of the same formats."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from llmquant import pipeline
+
+    if not streamed:
+        monkeypatch.setattr(pipeline, "_stream_reader", lambda *a: None)
+    res = quiet(auto_recipe(tiny_dirs(arch), tmp_path / "auto", text, {"bits_per_weight": 5.0}))
+    assert res.streamed == streamed and res.check.passed
+    keys = []
+    for f in (tmp_path / "auto").glob("*.safetensors"):
+        keys += list(safe_open(str(f), "pt").keys())
+    head = {"qwen2": "lm_head.weight", "gpt2": "lm_head.weight", "opt": "lm_head.weight"}[arch]
+    assert head not in keys, "the tied head was written a second time"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "auto")
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    rules = [{"match": e.name, **e.scheme.model_dump()} for e in res.plan.entries if e.scheme is not None]
+    same = quiet(Recipe.from_dict({"model": {"source": str(tiny_dirs(arch))}, "device": "cpu",
+                                   "quantization": {"default": "nf4", "rules": rules}, "output": {"dir": str(tmp_path / "rules")}}))
+    assert same.check.passed
+    assert safetensors_bytes(tmp_path / "auto") == safetensors_bytes(tmp_path / "rules")
