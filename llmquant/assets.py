@@ -106,7 +106,7 @@ ASSETS = {
             wheel_of=("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
                       "--abi", "cp311"),
             convert="wikipedia",
-            result=("enwiki-articles.txt", "d74eff8baea096005783b7933c661064af081f6bcf67bc273469012ae61e221c"),
+            result=("enwiki-articles.txt", "b2736580b331403359d857ccc34a1f58e0a5af50c4c1099bf73cab4b2be2da5d"),
         ),
     )
 }
@@ -239,8 +239,9 @@ def _plain(markup: str) -> str:
         t, a = re.subn(r"\[\[(?:[Ff]ile|[Ii]mage|[Cc]ategory|[a-z][a-z\-]{1,11}):[^\[\]]*\]\]", "", t)
         t, b = re.subn(r"\[\[(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]", r"\1", t)
         n = a + b
-    t = re.sub(r"\[(?:https?:)?//\S+\s([^\]]*)\]", r"\1", t)  # external links as their text
-    t = re.sub(r"\[(?:https?:)?//\S+\]", "", t)
+    t = re.sub(r"\[\[(?:[Ff]ile|[Ii]mage):[^\n]*", "", t)  # a file whose caption the loop above could not close
+    t = re.sub(r"\[(?:https?:)?//\S+\s([^\]\n]*)\]", r"\1", t)  # external links as their text
+    t = re.sub(r"\[(?:https?:)?//\S*", "", t)
     t = re.sub(r"<[^>]+>", "", t)
     t = re.sub(r"'{2,}", "", html.unescape(t))  # bold and italics
     lines, skip, skipped_level = [], False, 0

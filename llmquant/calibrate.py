@@ -243,7 +243,7 @@ class SequentialCalibrator:
         # with calibration.activations: disk (a streamed run), where each generation of activations is kept
         self.activations_dir: Path | None = None
         self.model_tune: dict | None = None  # the end-to-end stage's report (calibration.tune.model_steps)
-        self._said: set[str] = set()  # lines logged once per run (see _note_once)
+        self._said: set = set()  # what was logged once per run (see _note_once)
 
     def tracks_float_model(self) -> bool:
         """Whether the float model's activations are carried beside the quantized ones (tune.target: model)."""
@@ -269,11 +269,7 @@ class SequentialCalibrator:
     def _capture_inputs(self, layers: nn.ModuleList) -> tuple[list[torch.Tensor], LayerCalls]:
         """This process's windows as the first decoder layer receives them, and every layer's own call arguments."""
         mine = self.windows[distributed.share(len(self.windows))]  # all of them in one process
-        hidden, calls = capture(self.model, layers, mine.unsqueeze(1), self._input_device(), store=self.store)
-        inputs = self._windows("inputs")
-        for x in hidden:
-            inputs.append(x)
-        return inputs, calls
+        return capture(self.model, layers, mine.unsqueeze(1), self._input_device(), store=self.store, into=self._windows("inputs"))
 
     def _input_device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
@@ -546,19 +542,20 @@ class SequentialCalibrator:
             else:
                 rel = [t.removeprefix(prefix + ".") for t in sg.targets]
                 skipped.append((sg.prev.removeprefix(prefix + "."), rel,
-                                f"folding changes the float layer's output by {err:.1%} of its largest value"))
+                                f"folding changes the float layer's output (by {err:.1%} of its largest value in {prefix})"))
         for prev, targets, why in skipped:
-            self._note_once(f"activation-aware scales are not folded from {prev} into {', '.join(targets)} "
-                            f"({type(layer).__name__}): {why}")
+            self._note_once((type(layer).__name__, prev, tuple(targets)),
+                            f"activation-aware scales are not folded from {prev} into {', '.join(targets)} "
+                            f"({type(layer).__name__} layers): {why}")
         if not out:
-            self._note_once(f"{type(layer).__name__}: no pair of this layer takes activation-aware scales; its Linear layers "
-                            "are quantized without them")
+            self._note_once((type(layer).__name__,), f"{type(layer).__name__}: no pair of this layer takes activation-aware "
+                            f"scales ({prefix} first); its Linear layers are quantized without them")
         return out
 
-    def _note_once(self, line: str) -> None:
-        """Say ``line`` the first time it comes (it would come again for every decoder layer of the model)."""
-        if line not in self._said:
-            self._said.add(line)
+    def _note_once(self, key, line: str) -> None:
+        """Say ``line`` the first time ``key`` comes (it would come again for every decoder layer of the model)."""
+        if key not in self._said:
+            self._said.add(key)
             self.log(line)
 
     def _tune(self, layer: nn.Module, prefix: str, names: list[str], floats: dict, inputs: list, float_out: list) -> dict:

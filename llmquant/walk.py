@@ -168,12 +168,13 @@ class LayerCalls:
         return len({id(c) for c in self.calls})
 
 
-def capture(model: nn.Module, layers: nn.ModuleList, batches, device, store=None) -> tuple[list[torch.Tensor], LayerCalls]:
+def capture(model: nn.Module, layers: nn.ModuleList, batches, device, store=None, into=None) -> tuple[list, LayerCalls]:
     """Each batch of token ids (``batches``: tensors ``[batch, tokens]``) as the first decoder layer receives it, and
     every layer's own call arguments on it, from the model's own forward with each decoder layer replaced by a
     stand-in (see the module docstring). The hidden states and arguments are kept on ``store`` (default: where the
-    model computed them). Only the modules before the first decoder layer need their weights."""
-    hidden: list[torch.Tensor] = []
+    model computed them); the hidden states are appended to ``into`` (default: a new list) as they come, so a
+    container on disk never has them all in memory. Only the modules before the first decoder layer need weights."""
+    hidden = [] if into is None else into
     calls: list[list[tuple]] = []
     seen: list[list[tuple]] = []  # the distinct argument lists so far
     n = len(layers)

@@ -154,40 +154,32 @@ def build_tiny(arch: str, dtype=torch.float32, config=None):
     return model
 
 
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory):
-    """arch -> folder holding a saved tiny model with a tokenizer (made on first use)."""
-    root = tmp_path_factory.mktemp("tiny")
+def _saved_models(root: Path, build):
+    """arch -> folder holding ``build(arch)`` saved with the tiny tokenizer (made on first use)."""
     made: dict[str, Path] = {}
     tok = tiny_tokenizer()
 
     def get(arch: str) -> Path:
         if arch not in made:
             d = root / arch
-            build_tiny(arch).save_pretrained(d)
+            build(arch).save_pretrained(d)
             tok.save_pretrained(d)
             made[arch] = d
         return made[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """arch -> folder holding a saved tiny model with a tokenizer (made on first use)."""
+    return _saved_models(tmp_path_factory.mktemp("tiny"), build_tiny)
 
 
 @pytest.fixture(scope="session")
 def family_dirs(tmp_path_factory):
     """arch -> folder holding a saved model of the family matrix (:func:`family_config`) with a tokenizer."""
-    root = tmp_path_factory.mktemp("families")
-    made: dict[str, Path] = {}
-    tok = tiny_tokenizer()
-
-    def get(arch: str) -> Path:
-        if arch not in made:
-            d = root / arch
-            build_tiny(arch, config=family_config(arch)).save_pretrained(d)
-            tok.save_pretrained(d)
-            made[arch] = d
-        return made[arch]
-
-    return get
+    return _saved_models(tmp_path_factory.mktemp("families"), lambda arch: build_tiny(arch, config=family_config(arch)))
 
 
 def converted(asset: str) -> Path:

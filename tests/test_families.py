@@ -197,3 +197,17 @@ def test_a_state_space_model_is_refused_as_what_it_is():
     model = build_tiny("mamba", config=tf.MambaConfig(vocab_size=512, hidden_size=64, state_size=8, num_hidden_layers=2))
     with pytest.raises(UserError, match=r"MambaForCausalLM has convolution layers \(state-space or hybrid blocks, as in Mamba\)"):
         _refuse_fused_experts(model)
+
+
+def test_a_pair_the_check_refuses_is_named_once_and_the_run_goes_on(family_dirs, tmp_path, text_file, capsys):
+    res = run(Recipe.from_dict({
+        "model": {"source": str(family_dirs("phi"))}, "device": "cpu", "quantization": {"default": "int8", "method": "awq"},
+        "calibration": {"text": {"source": str(text_file), "range": [0.0, 0.6]}, "nsamples": 4, "seqlen": 32,
+                        "awq": {"grid": 4, "tokens": 64}},
+        "output": {"dir": str(tmp_path / "out")}}), console=Console(file=io.StringIO()), progress=False)
+    assert res.check.passed
+    err = " ".join(capsys.readouterr().err.split())
+    line = "activation-aware scales are not folded from mlp.fc1 into mlp.fc2 (PhiDecoderLayer layers): folding changes"
+    assert err.count(line) == 1, err  # 4 decoder layers, said once
+    scaled = [s["after"] for layer in res.calibration["layers"] for s in layer["scaled"]]
+    assert "input_layernorm" in scaled and "mlp.fc1" not in scaled

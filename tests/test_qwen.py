@@ -19,8 +19,11 @@ def recipe(model_dir, out):
     text = {"source": "asset:enwiki"}
     return Recipe.from_dict({
         "model": {"source": str(model_dir)}, "device": "cpu",
-        "quantization": {"default": {"format": "nf4", "group_size": 64}, "method": "gptq",
-                         "rules": [{"match": "*.self_attn.*", "format": "int8", "threshold": 6.0}]},
+        # GPTQ on the last decoder layer (calibrated on what the 23 quantized layers before it give it), the others
+        # rounded: attention INT8, MLP NF4 (a mix in llmquant's format)
+        "quantization": {"default": {"format": "nf4", "group_size": 64}, "method": "rtn",
+                         "rules": [{"match": "model.layers.23.*", "method": "gptq", "format": "nf4", "group_size": 64},
+                                   {"match": "*.self_attn.*", "format": "int8", "threshold": 6.0}]},
         "calibration": {"text": {**text, "range": [0.0, 0.6]}, "nsamples": 2, "seqlen": 64},
         "eval": {"text": {**text, "range": [0.8, 1.0]}, "seqlen": 128, "max_tokens": 256, "divergence_tokens": 128},
         "output": {"dir": str(out)},
@@ -50,5 +53,8 @@ def test_the_wikipedia_text_is_plain_articles():
     assert text.startswith(" = Anarchism = \n\nAnarchism is a political philosophy")
     titles = re.findall(r"^ = [^=\n][^\n]* = $", text, flags=re.M)
     assert len(titles) == 106 and " = = History = = " in text  # the articles and their sections
-    for markup in ("{{", "}}", "[[", "]]", "<ref", "'''", "&nbsp;", "{|", "[http"):
-        assert markup not in text, markup
+    paragraphs = text.split("\n\n")
+    markup = ("{{", "}}", "[[", "]]", "<ref", "'''", "&nbsp;", "{|", "[http")
+    marked = [p for p in paragraphs if any(m in p for m in markup)]
+    # (the article on ASCII quotes the printable characters, braces and brackets included, inside a template)
+    assert len(paragraphs) > 3000 and len(marked) <= 1, marked
