@@ -33,7 +33,7 @@ def test_bad_command_lines_are_one_line(argv, expected, capsys):
     "argv,expected",
     [
         (["run", "no/such/recipe.yaml"], "error: recipe 'no/such/recipe.yaml' not found"),
-        (["assets", "path", "nope"], "error: unknown asset 'nope'; available: smollm2-135m-instruct, botchan"),
+        (["assets", "path", "nope"], "error: unknown asset 'nope'; available: smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct, botchan, enwiki"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(argv, expected, capsys):
