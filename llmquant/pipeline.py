@@ -344,7 +344,7 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
     With ``eval:``, the baseline is evaluated streamed from the checkpoint before quantization, and the quantized
     model streamed from the written export once it passed its check: perplexity and divergence one decoder layer
     at a time over all windows (:func:`llmquant.stream.logits_layer_by_layer`)."""
-    from .stream import LayeredReload, StreamedQuantizer, WorkFolder
+    from .stream import STATE_FORMAT, LayeredReload, StreamedQuantizer, WorkFolder
 
     m, out = recipe.model, Path(recipe.output.dir)
     log.print(f"streaming {src.describe()} layer by layer"
@@ -355,7 +355,7 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
     timings["load"] = time.perf_counter() - t_start - timings.get("auto", 0.0)
     t = time.perf_counter()
     key = WorkFolder.key(recipe.to_dict()["quantization"], recipe.to_dict().get("calibration"), fingerprint(src, model.config),
-                         str(plan.model_dtype), device.type, [int(i) for i in ids[0]])
+                         str(plan.model_dtype), device.type, [int(i) for i in ids[0]], STATE_FORMAT)
     # the export's files, laid out from the plan and filled layer by layer (process 0 writes)
     work = WorkFolder(out, key).open(export_files(plan, parse_size(recipe.output.max_shard_size)) if distributed.rank() == 0 else None)
     # evaluation is process 0's alone, as writing is

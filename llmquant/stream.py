@@ -361,6 +361,11 @@ def as_read(tensors: dict, unchanged: dict) -> dict:
 # ---- the work folder ---------------------------------------------------------------------------------
 
 
+# What a saved state holds, in the work folder's key: a work folder whose states another version of this code wrote
+# (2: every decoder layer's own call arguments, where 1 held layer 0's) is never resumed.
+STATE_FORMAT = 2
+
+
 class WorkFolder:
     """``.OUT.llmquant-partial-KEY`` beside the output: the export's safetensors files, written a step at a time
     (:class:`ShardFiles`, in ``export/``), and for each finished step a small record written atomically once its
