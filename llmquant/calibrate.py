@@ -530,8 +530,10 @@ class SequentialCalibrator:
         def run():
             return call_layer(layer, x, call, self.device)
 
-        reference = run()
-        groups, skipped = scaling_groups(layer, prefix, self.model.config, norm_readers(layer, run))
+        seen = []  # the forward that finds the norms' readers also gives the float layer's output to compare with
+        readers = norm_readers(layer, lambda: seen.append(run()))
+        reference = seen[0]
+        groups, skipped = scaling_groups(layer, prefix, self.model.config, readers)
         out = []
         for sg in groups:
             if not any(ALGORITHMS[self.entries[t].method].scales_inputs for t in sg.targets if t in self.entries):
