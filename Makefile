@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test assets clean
+.PHONY: setup demo test wheel-check assets clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,16 @@ assets: setup
 	$(BIN)/llmquant assets fetch
 
 demo: setup
-	$(BIN)/llmquant run configs/demo.yaml --overwrite
+	mkdir -p out
+	test -f out/demo.yaml || $(BIN)/llmquant init demo -o out/demo.yaml
+	$(BIN)/llmquant run out/demo.yaml --overwrite
 
 test: setup
 	$(BIN)/python -m pytest
+
+# the wheel installed outside the source tree with the oldest supported transformers: demo, eval, compatibility tests
+wheel-check: setup
+	PYTHON=$(BIN)/python scripts/wheel_check.sh
 
 clean:
 	rm -rf $(VENV) out

@@ -238,10 +238,12 @@ def model_names(model, keys, wanted: set[str]) -> dict[str, str]:
     """The checkpoint's tensor names (``keys``) that transformers renames when it loads ``model``, each to the model's
     name for it (GPT-NeoX's ``embed_out.weight`` is the model's ``lm_head.weight``): transformers' own plain renamings
     for the model, kept where the new name is one of ``wanted`` (the model's) and the old one is not."""
+    from .compat import internal
+
     try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-    except ImportError:  # a transformers without renamings
+        get_model_conversion_mapping = internal("transformers.conversion_mapping:get_model_conversion_mapping")
+        WeightRenaming = internal("transformers.core_model_loading:WeightRenaming")
+    except UserError:  # a transformers without renamings: names as stored
         return {}
     renamings = [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
     out = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -11,9 +12,10 @@ from .errors import ExportCheckError, UserError, read_utf8
 
 EPILOG = """\
 examples:
-  llmquant run configs/demo.yaml                       quantize, evaluate and export the demo model
-  llmquant run --dry-run configs/demo.yaml             print the per-layer plan, change nothing
-  llmquant run configs/mixed.yaml --model org/name --output out/x --overwrite
+  llmquant init demo > demo.yaml                       write an example recipe to start from
+  llmquant run demo.yaml                               quantize, evaluate and export the demo model
+  llmquant run --dry-run demo.yaml                     print the per-layer plan, change nothing
+  llmquant run mixed.yaml --model org/name --output out/x --overwrite
   llmquant eval out/demo --baseline asset:smollm2-135m-instruct --text asset:botchan --range 0.6 1.0 \\
       --seqlen 512 --tasks botchan_cloze --output eval/demo
   llmquant compare out/a out/b --output cmp            one table and plot from several results
@@ -53,13 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
         "it; a stopped streamed run resumes at the layer it stopped at when the same command runs again. If the "
         "final check fails, the written checkpoint is kept beside the output for `llmquant check --into`.",
     )
-    r.add_argument("config", help="the recipe (YAML); see configs/ for examples")
+    r.add_argument("config", help="the recipe (YAML); `llmquant init` writes examples")
     r.add_argument("--dry-run", action="store_true", help="print the per-layer plan and sizes; quantize and write nothing")
     r.add_argument("--output", metavar="DIR", help="output folder (overrides output.dir)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing export in the output folder")
     r.add_argument("--model", metavar="ID_OR_PATH", help="run the recipe on another model: Hub id, folder, .gguf file or asset:NAME")
     r.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides device)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    from .recipes import RECIPES
+
+    n = sub.add_parser(
+        "init", help="write an example recipe to start from (to stdout, or --output FILE)",
+        description="Write one of llmquant's example recipes, commented, to stdout or to a file:\n" +
+        "\n".join(f"  {k:6s} {v}" for k, v in RECIPES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    n.add_argument("name", nargs="?", default="demo", metavar="NAME",
+                   help=f"which example: {', '.join(RECIPES)} (default demo)")
+    n.add_argument("-o", "--output", metavar="FILE", help="write it here instead of stdout (an existing file is refused)")
 
     e = sub.add_parser(
         "eval", help="evaluate a model (any checkpoint) and optionally its divergence from a baseline",
@@ -160,12 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Warnings known to be noise in llmquant's own use of its libraries (the only ones hidden; every other warning is
+# shown once): (category, start of the message, module that warns).
+NOISE = [
+    # torch's own torch.utils.mkldnn (which bitsandbytes imports) still decorates with its deprecated script_method
+    (DeprecationWarning, "`torch.jit.script_method` is deprecated", "torch.jit._script"),
+]
+
+
 def _quiet_libraries(verbose: bool) -> None:
-    if verbose:
-        return
     import warnings
 
-    warnings.filterwarnings("ignore")
+    if verbose:
+        warnings.simplefilter("always")
+        return
+    warnings.simplefilter("once")
+    for category, message, module in NOISE:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=category, module=module)
     # bitsandbytes' notes about optional CPU kernels and its per-call fp16 cast (LLM.int8 always computes in fp16)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
@@ -193,6 +218,24 @@ def cmd_run(args) -> int:
     if overrides:
         recipe = recipe.with_overrides(overrides)
     run(recipe, dry_run=args.dry_run, progress=not args.quiet)
+    return 0
+
+
+def cmd_init(args) -> int:
+    from .recipes import recipe_text
+
+    text = recipe_text(args.name)
+    if not args.output:
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.output)
+    if out.exists():
+        raise UserError(f"{args.output} already exists; give another --output or remove it")
+    if not out.parent.is_dir():
+        raise UserError(f"folder {str(out.parent)!r} does not exist (for --output {args.output})")
+    with open(out, "x", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {args.output}; run it with: llmquant run {args.output}", file=sys.stderr)
     return 0
 
 
@@ -340,7 +383,7 @@ def cmd_push(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "eval": cmd_eval, "compare": cmd_compare, "inspect": cmd_inspect, "check": cmd_check, "push": cmd_push,
-            "assets": cmd_assets, "bench": cmd_bench}
+            "assets": cmd_assets, "bench": cmd_bench, "init": cmd_init}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,10 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _quiet_libraries(args.verbose)
-    if args.command != "assets":
+    if args.command not in ("assets", "init"):
+        from .compat import version_note
         from .memory import import_bitsandbytes
 
         import_bitsandbytes()
+        note = version_note()
+        if note:
+            print(note, file=sys.stderr)
     if getattr(args, "quiet", False):
         from transformers.utils import logging as tlog
 

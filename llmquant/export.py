@@ -39,13 +39,16 @@ PROBE_TEXT = (
     "in the country, where the students soon tested him: 3, 5, 8, 13, 21."
 )
 _TMP_TAG = ".llmquant-tmp-"
+_OLD_TAG = ".llmquant-old-"  # the previous export while the new one moves in (where folders cannot be exchanged)
 
 
 # ---- the output folder ----------------------------------------------------------------
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse, before any heavy work, an output we must not write to."""
+    """Refuse, before any heavy work, an output we must not write to (after putting back an export a killed run had
+    moved aside, and removing what killed runs left)."""
+    _remove_stale_temporaries(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output {str(out)!r} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -76,14 +79,32 @@ def _check_writable(folder: Path) -> None:
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Temporary folders of runs that were killed (their process is gone)."""
+    """Temporary folders of runs that were killed (their process is gone); a previous export moved aside by a run
+    killed before its new export moved in is put back."""
     parent = out.absolute().parent
     if not parent.is_dir():
         return
-    for p in parent.glob(f".{out.name}{_TMP_TAG}*"):
-        pid = p.name.rsplit("-", 2)[-2] if p.name.count("-") >= 2 else ""
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+    for tag in (_OLD_TAG, _TMP_TAG):
+        for p in parent.glob(f".{out.name}{tag}*"):
+            pid = p.name.rsplit("-", 2)[-2] if p.name.count("-") >= 2 else ""
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if tag == _OLD_TAG and not os.path.lexists(out):
+                os.rename(p, out)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _alive(pid: int) -> bool:
@@ -101,7 +122,6 @@ def atomic_output(out: Path, overwrite: bool):
     """Yield a temporary folder; on success it becomes ``out``, on any exit by exception it is removed."""
     out = Path(out)
     check_output_dir(out, overwrite)
-    _remove_stale_temporaries(out)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     tmp = out.absolute().parent / f".{out.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -175,18 +195,25 @@ def install_export(folder: Path, out: Path, overwrite: bool) -> None:
 
 
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move ``tmp`` to ``out``. A previous export there is exchanged with the new one in one step, so a process killed
+    at any moment leaves one whole export at ``out``; where the system cannot exchange folders, the old one is moved
+    aside first, and put back by the next run if this one dies before the new one is in place."""
     check_output_dir(out, overwrite)  # the world may have changed while we worked
     backup = None
     if out.is_dir():
         if any(out.iterdir()):
-            backup = out.absolute().parent / f".{out.name}.llmquant-old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, backup)
+            if _exchange(tmp, out):
+                shutil.rmtree(tmp, ignore_errors=True)  # now the previous export (a leftover of a kill: removed later)
+                return
+            backup = out.absolute().parent / f".{out.name}{_OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         else:
             out.rmdir()
     try:
-        os.rename(tmp, out)
-    except BaseException:
         if backup is not None:
+            os.rename(out, backup)
+        os.rename(tmp, out)
+    except BaseException:  # Ctrl-C or a failure between the two: the previous export goes back
+        if backup is not None and backup.exists() and not os.path.lexists(out):
             os.rename(backup, out)
         raise
     if backup is not None:

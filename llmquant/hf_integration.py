@@ -8,27 +8,36 @@ quantizer with transformers so that ``from_pretrained`` builds each layer as the
 bitsandbytes module the checkpoint says and fills it with transformers' own
 bitsandbytes deserializers.
 
-Supported: transformers 5.17 to 5.23 (both ends tested), bitsandbytes 0.50.
+Every transformers internal used here is reached through :mod:`llmquant.compat`
+(tested range there), bitsandbytes 0.50.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
 from pydantic import TypeAdapter, ValidationError
-from transformers.core_model_loading import ConversionOps
-from transformers.quantizers.auto import register_quantization_config, register_quantizer
-from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .compat import internal
 from .plan import FORMAT_VERSION, LLMQUANT_METHOD, linear_shape, quantizable
 from .schemes import FourBit, Int8, Scheme
 
 _SCHEME = TypeAdapter(Scheme)
+# What loading an llmquant checkpoint reaches inside transformers (looked up before the load starts).
+LOAD_INTERNALS = (
+    "transformers.core_model_loading:ConversionOps",
+    "transformers.core_model_loading:WeightConverter",
+    "transformers.integrations.bitsandbytes:Bnb4bitDeserialize",
+    "transformers.integrations.bitsandbytes:Bnb8bitDeserialize",
+    "transformers.quantizers.quantizers_utils:get_module_from_name",
+)
+HfQuantizer = internal("transformers.quantizers.base:HfQuantizer")
+QuantizationConfigMixin = internal("transformers.utils.quantization_config:QuantizationConfigMixin")
 
 
-@register_quantization_config(LLMQUANT_METHOD)
+@internal("transformers.quantizers.auto:register_quantization_config")(LLMQUANT_METHOD)
 class LlmquantConfig(QuantizationConfigMixin):
     """``quantization_config`` of a mixed-precision llmquant checkpoint.
 
@@ -66,13 +75,15 @@ class LlmquantConfig(QuantizationConfigMixin):
         return out
 
 
-@register_quantizer(LLMQUANT_METHOD)
+@internal("transformers.quantizers.auto:register_quantizer")(LLMQUANT_METHOD)
 class LlmquantHfQuantizer(HfQuantizer):
     """Loads llmquant's mixed bitsandbytes checkpoints (pre-quantized only)."""
 
     requires_calibration = True  # the weights were chosen by llmquant; nothing is quantized at load time
 
     def validate_environment(self, *args, **kwargs) -> None:
+        for path in LOAD_INTERNALS:  # before loading starts: transformers turns errors during conversion into its own
+            internal(path)
         if self.quantization_config.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"this checkpoint uses llmquant format version {self.quantization_config.format_version}; "
@@ -133,7 +144,7 @@ class LlmquantHfQuantizer(HfQuantizer):
         recorded = getattr(model, "_weight_conversions", None)
         if recorded:
             model._weight_conversions = [
-                c for c in recorded if not any(isinstance(op, LlmquantDeserialize) for op in getattr(c, "operations", ()))
+                c for c in recorded if not any(isinstance(op, _deserializer()) for op in getattr(c, "operations", ()))
             ]
         for name, m in model.named_modules():
             if isinstance(m, bnb.nn.Linear4bit):
@@ -149,23 +160,20 @@ class LlmquantHfQuantizer(HfQuantizer):
         # Only consulted for pre-quantized checkpoints to let a packed 4-bit weight
         # ([n/2, 1] bytes) replace the [out, in] placeholder; nothing is quantized at load.
         import bitsandbytes as bnb
-        from transformers.quantizers.quantizers_utils import get_module_from_name
 
-        module, name = get_module_from_name(model, param_name)
+        module, name = internal("transformers.quantizers.quantizers_utils:get_module_from_name")(model, param_name)
         return isinstance(module, bnb.nn.Linear4bit) and name != "bias"
 
     def get_weight_conversions(self):
-        from transformers.core_model_loading import WeightConverter
-
         from .backends.bnb import FOURBIT_SUFFIXES, INT8_SUFFIXES
 
         if not self.pre_quantized:
             return []
         return [
-            WeightConverter(
+            internal("transformers.core_model_loading:WeightConverter")(
                 source_patterns=[*FOURBIT_SUFFIXES, *INT8_SUFFIXES, "weight"],
                 target_patterns="weight",
-                operations=[LlmquantDeserialize(self)],
+                operations=[_deserializer()(self)],
             )
         ]
 
@@ -182,26 +190,32 @@ class LlmquantHfQuantizer(HfQuantizer):
         return False
 
 
-class LlmquantDeserialize(ConversionOps):
-    """Build a layer's bitsandbytes weight from its checkpoint tensors, with transformers' own deserializers."""
+@lru_cache(maxsize=1)
+def _deserializer() -> type:
+    """The conversion that builds a layer's bitsandbytes weight from its checkpoint tensors with transformers' own
+    bitsandbytes deserializers (a subclass of an internal, so made when a checkpoint first loads)."""
+    return type("LlmquantDeserialize", (internal("transformers.core_model_loading:ConversionOps"),),
+                {"__init__": _init_deserialize, "convert": _convert, "__doc__": _deserializer.__doc__})
 
-    def __init__(self, hf_quantizer):
-        self.hf_quantizer = hf_quantizer
 
-    def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
-        from transformers.integrations.bitsandbytes import Bnb4bitDeserialize, Bnb8bitDeserialize
+def _init_deserialize(self, hf_quantizer):
+    self.hf_quantizer = hf_quantizer
 
-        if len(input_dict) == 1:  # a float tensor: cast it to the model's dtype, as transformers does without a quantizer
-            (key, value), = input_dict.items()
-            value = value[0] if isinstance(value, list) else value
-            target = model.get_parameter_or_buffer(full_layer_name) if model is not None and full_layer_name else None
-            if target is not None and value.is_floating_point() and target.is_floating_point():
-                value = value.to(target.dtype)
-            return {key: value}
-        if "SCB" in input_dict:
-            return Bnb8bitDeserialize(self.hf_quantizer).convert(input_dict, model=model, full_layer_name=full_layer_name, **kwargs)
-        _check_4bit_tensors(input_dict, full_layer_name)
-        return Bnb4bitDeserialize(self.hf_quantizer).convert(input_dict, model=model, full_layer_name=full_layer_name, **kwargs)
+
+def _convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
+    Bnb4bitDeserialize = internal("transformers.integrations.bitsandbytes:Bnb4bitDeserialize")
+    Bnb8bitDeserialize = internal("transformers.integrations.bitsandbytes:Bnb8bitDeserialize")
+    if len(input_dict) == 1:  # a float tensor: cast it to the model's dtype, as transformers does without a quantizer
+        (key, value), = input_dict.items()
+        value = value[0] if isinstance(value, list) else value
+        target = model.get_parameter_or_buffer(full_layer_name) if model is not None and full_layer_name else None
+        if target is not None and value.is_floating_point() and target.is_floating_point():
+            value = value.to(target.dtype)
+        return {key: value}
+    if "SCB" in input_dict:
+        return Bnb8bitDeserialize(self.hf_quantizer).convert(input_dict, model=model, full_layer_name=full_layer_name, **kwargs)
+    _check_4bit_tensors(input_dict, full_layer_name)
+    return Bnb4bitDeserialize(self.hf_quantizer).convert(input_dict, model=model, full_layer_name=full_layer_name, **kwargs)
 
 
 def _check_4bit_tensors(input_dict: dict, layer: str | None) -> None:

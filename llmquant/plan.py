@@ -155,8 +155,9 @@ class Plan:
         if any(e.layer in PLAIN_LINEAR_SUBCLASSES for e in self.quantized_entries):
             return False
         # Stock transformers never quantizes a model's keep-in-fp32 modules.
-        from transformers.quantizers.quantizers_utils import should_convert_module
+        from .compat import internal
 
+        should_convert_module = internal("transformers.quantizers.quantizers_utils:should_convert_module")
         return all(should_convert_module(e.name, keep_in_fp32 or []) for e in self.quantized_entries)
 
     def quantization_config(self, keep_in_fp32: list[str] | None = None) -> dict | None:

@@ -732,16 +732,16 @@ class LayeredReload:
 
     def __init__(self, folder: Path, dtype: torch.dtype, device, without_repacking: bool = False):
         from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.quantizers.auto import AutoHfQuantizer
         from transformers.utils import logging as hf_logging
 
         from . import hf_integration  # noqa: F401  (registers the llmquant format)
+        from .compat import internal
 
         self.folder, self.device, self.without_repacking = Path(folder), torch.device(device), without_repacking
         config = AutoConfig.from_pretrained(str(folder))
         self.skeleton = skeleton(config, dtype)  # with the checkpoint's quantization_config, as transformers builds it
         self.stack, self.layers = decoder_layers(self.skeleton)
-        quantizer = AutoHfQuantizer.from_config(config.quantization_config, pre_quantized=True)
+        quantizer = internal("transformers.quantizers.auto:AutoHfQuantizer").from_config(config.quantization_config, pre_quantized=True)
         quantizer.preprocess_model(model=self.skeleton, dtype=dtype, device_map={"": str(self.device)},
                                    checkpoint_files=None, use_kernels=False)
         first = copy.deepcopy(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,14 @@ import torch
 # Tests never reach the Hub; models come from configs or from llmquant's own assets.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_configure(config):
+    """Hide the warnings llmquant's command line hides (``cli.NOISE``, the one list of them); show all others."""
+    from llmquant.cli import NOISE
+
+    for category, message, module in NOISE:
+        config.addinivalue_line("filterwarnings", f"ignore:{re.escape(message)}:{category.__name__}:{module}")
 
 
 def _simulate_cpu_without_avx512bf16() -> None:

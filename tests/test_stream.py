@@ -247,6 +247,7 @@ def test_a_head_that_maps_the_checkpoint_multiplies_a_slice_at_a_time_with_the_s
     assert "forward" not in vars(model.get_output_embeddings())  # the head's own forward is back
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_streamed_export_equals_the_in_memory_export(tiny_dirs, tmp_path, monkeypatch, calib_file, arch, name):

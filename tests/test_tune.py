@@ -233,7 +233,8 @@ def test_the_export_holds_exactly_the_tuned_weights(tiny_dirs, tmp_path, texts, 
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     meta = json.loads((tmp_path / "out" / "llmquant.json").read_text())
     reports = [layer["tune"] for layer in meta["calibration"]["layers"]]
-    assert len(reports) == 2 and all(r["loss_after"] <= r["loss_before"] for r in reports)
+    # the report keeps the best step: tuning that moved nothing (no gradient, a zero step) would report equal losses
+    assert len(reports) == 2 and all(r["loss_after"] < 0.999 * r["loss_before"] for r in reports), reports
     compared = 0
     for i, results in enumerate(seen):
         for rel, qw in results.items():

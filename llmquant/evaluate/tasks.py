@@ -2,7 +2,7 @@
 
 Any task lm-eval knows works when its dataset is reachable (hellaswag, piqa,
 arc_easy, arc_challenge, winogrande, lambada_openai, ...). llmquant also ships
-offline tasks built from its demo text (``eval/``): ``botchan_cloze`` (predict a
+offline tasks built from its demo text (``llmquant/eval_tasks/``, package data): ``botchan_cloze`` (predict a
 passage's last word, like LAMBADA) and ``botchan_continuation`` (pick the true next
 sentence among four).
 """
@@ -17,17 +17,12 @@ from pathlib import Path
 
 from ..errors import UserError
 
-# Tasks shipped with llmquant (lm-eval YAML + the code that builds their data).
-TASKS_DIR = Path(__file__).resolve().parent.parent.parent / "eval"
+# Tasks shipped with llmquant (lm-eval YAML + the code that builds their data), installed with the package.
+TASKS_DIR = Path(__file__).resolve().parent.parent / "eval_tasks"
 
 
 def tasks_dir() -> Path:
-    try:
-        import llmquant.eval_tasks as pkg  # installed from a wheel
-
-        return Path(pkg.__file__).parent
-    except ImportError:
-        return TASKS_DIR
+    return TASKS_DIR
 
 
 def _manager():
