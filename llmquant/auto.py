@@ -658,6 +658,10 @@ class Problem:
     weights: int  # weights of the formatted Linear layers (bits per weight divide by it)
     per_weight: bool  # budget in bits per weight (else the files' bytes)
     target: str
+    file_rest: int = 0  # bytes of the files but the budgeted ones: a mix whose costs sum to C writes file_rest + C
+
+    def file_bytes(self, cost: int) -> int:
+        return self.file_rest + cost
 
 
 def prepare(recipe, model: nn.Module, dtype: torch.dtype) -> Problem:
@@ -689,9 +693,9 @@ def prepare(recipe, model: nn.Module, dtype: torch.dtype) -> Problem:
                             f"({', '.join(str(b) for b in BNB_BLOCKSIZES if e.in_features % b == 0) or 'none'})")
     per_weight = auto.max_size is None
 
-    def size(e: PlanEntry, k) -> int:  # what one choice adds to the budgeted quantity
+    def size(e: PlanEntry, k, files: bool = not per_weight) -> int:  # what one choice adds to the budgeted quantity
         t = entry_tensors(PlanEntry(e.name, e.layer, e.out_features, e.in_features, e.has_bias, k, q.method, "auto"), dtype)
-        if not per_weight:  # the files' bytes: data and header entries
+        if files:  # the files' bytes: data and header entries
             return sum(math.prod(s) * d.itemsize + len(f"{e.name}.{n}") + HEADER_BYTES_PER_TENSOR for n, (s, d) in t.items())
         return sum(math.prod(s) * d.itemsize for n, (s, d) in t.items() if n != "bias")
 
@@ -706,11 +710,16 @@ def prepare(recipe, model: nn.Module, dtype: torch.dtype) -> Problem:
     else:
         fixed = Plan(pinned, dtype, base.other_tensors, base.float_bytes).file_bytes_estimate()
         budget, target = parse_size(auto.max_size) - fixed, f"max_size {auto.max_size}"
+    # the rest of the files (for bits per weight: the biases and header entries of the free layers too, with their
+    # first candidate; other candidates' header entries differ by a few hundred bytes a layer)
+    file_rest = Plan(pinned, dtype, base.other_tensors, base.float_bytes).file_bytes_estimate()
+    if per_weight:
+        file_rest += sum(size(e, menus[e.name][0], files=True) - cost[0] for e, cost in zip(free, costs))
     smallest = sum(min(x) for x in costs)
     if smallest > budget:
         least = f"{8 * (fixed + smallest) / n:.3f} bits per weight" if per_weight else f"{(fixed + smallest) / 1e6:.2f} MB"
         raise UserError(f"quantization.auto: {target} cannot be met with these candidates; the smallest mix is {least}")
-    return Problem(free, menus, candidates, costs, budget, fixed, n, per_weight, target)
+    return Problem(free, menus, candidates, costs, budget, fixed, n, per_weight, target, file_rest)
 
 
 def resolve(recipe, problem: Problem, model: nn.Module, tokenizer, calib_text: str, progress: bool = True, log=print,
@@ -758,6 +767,7 @@ def resolve(recipe, problem: Problem, model: nn.Module, tokenizer, calib_text: s
         "predicted_kl": sum(v[k] for v, k in zip(values, choice)),
         "budget_bytes": p.budget, "chosen_bytes": total, "unit_bytes": f_unit if checks is not None else unit,
         "chosen_x": round(_x(p, p.fixed + total), 4),
+        "chosen_file_bytes": p.file_bytes(total),  # every file the export writes (embeddings, head, scales, headers)
         "layers": {e.name: {"chosen": picked[e.name].label(), "method_error_ratio": ratios.get(e.name),
                             "candidates": {k.label(): {"bytes": b, "predicted_kl": scores[e.name][k.label()]}
                                            for k, b in zip(p.menus[e.name], cx)}}
@@ -769,7 +779,8 @@ def resolve(recipe, problem: Problem, model: nn.Module, tokenizer, calib_text: s
         "seconds": round(time.perf_counter() - t0, 1),
     }
     also = f", measured {measured:.4f}" if measured is not None else ""
-    log(f"auto: {p.target}: predicted KL {report['predicted_kl']:.4f}{also} nats/token, {_counts(picked)} in {report['seconds']:.0f}s")
+    log(f"auto: {p.target}: predicted KL {report['predicted_kl']:.4f}{also} nats/token, {_counts(picked)}, "
+        f"{p.file_bytes(total) / 1e6:.1f} MB of files in {report['seconds']:.0f}s")
     return resolved, report
 
 
@@ -805,12 +816,12 @@ def _x(p: Problem, nbytes: int) -> float:
 
 
 def _frontier(p: Problem, best: torch.Tensor, unit: int) -> list[list[float]]:
-    """(bits per weight or bytes, least predicted KL) along the table, where it improves."""
+    """(bits per weight or bytes, least predicted KL, bytes of all the files) along the table, where it improves."""
     pts, last = [], float("inf")
     for cap in range(0, len(best), max(1, len(best) // 400)):
         v = best[cap].item()
         if math.isfinite(v) and v < last * 0.999:
-            pts.append([round(_x(p, p.fixed + cap * unit), 4), v])
+            pts.append([round(_x(p, p.fixed + cap * unit), 4), v, p.file_bytes(cap * unit)])
             last = v
     return pts
 
@@ -820,8 +831,9 @@ def _uniform(p: Problem, scores: dict) -> dict:
     out = {}
     for k in p.candidates:
         if all(k in p.menus[e.name] for e in p.free):
-            nbytes = p.fixed + sum(cx[p.menus[e.name].index(k)] for e, cx in zip(p.free, p.costs))
-            out[k.label()] = [round(_x(p, nbytes), 4), sum(scores[e.name][k.label()] for e in p.free)]
+            cost = sum(cx[p.menus[e.name].index(k)] for e, cx in zip(p.free, p.costs))
+            out[k.label()] = [round(_x(p, p.fixed + cost), 4), sum(scores[e.name][k.label()] for e in p.free),
+                              p.file_bytes(cost)]
     return out
 
 
@@ -844,10 +856,12 @@ def plot(report: dict, path, title: str) -> None:
     fr = [p for p in report["frontier"] if p[1] > 0]
     if fr:
         ax.plot([p[0] for p in fr], [p[1] for p in fr], "-", color="C0", label="best mix at each size (predicted)")
-    for i, (lab, (x, y)) in enumerate(report["uniform"].items()):
+    for i, (lab, (x, y, files)) in enumerate(report["uniform"].items()):
         if y > 0:
-            ax.scatter(x, y, marker="s", s=28, color=plt.get_cmap("tab20")((i + 2) % 20), label=f"uniform {lab}")
-    ax.scatter(report["chosen_x"], max(report["predicted_kl"], 1e-12), marker="*", s=220, color="red", zorder=5, label="chosen")
+            ax.scatter(x, y, marker="s", s=28, color=plt.get_cmap("tab20")((i + 2) % 20),
+                       label=f"uniform {lab}: {files / 1e6:.1f} MB")
+    ax.scatter(report["chosen_x"], max(report["predicted_kl"], 1e-12), marker="*", s=220, color="red", zorder=5,
+               label=f"chosen: {report['chosen_file_bytes'] / 1e6:.1f} MB of files")
     checks = [c for c in report.get("kl_checks") or [] if c["measured_kl"] > 0]
     if checks:  # a kl target: the mixes measured on the way, and the target
         ax.scatter([c["x"] for c in checks], [c["measured_kl"] for c in checks], marker="o", s=36, facecolors="none",
@@ -855,9 +869,9 @@ def plot(report: dict, path, title: str) -> None:
         ax.axhline(float(report["target"].split()[1]), color="red", lw=0.8, ls="--", label=report["target"])
     ax.set_yscale("log")
     if per_weight:  # the region where the choices are: past INT8, the curve only creeps down to zero
-        xs = [x for k, (x, y) in report["uniform"].items() if y > 0 and k not in DTYPE_NAMES.values()] + [report["chosen_x"]]
+        xs = [x for k, (x, y, _) in report["uniform"].items() if y > 0 and k not in DTYPE_NAMES.values()] + [report["chosen_x"]]
         lo, hi = min(xs) - 0.2, max(max(xs) + 0.6, 8.6)
-        ys = [y for x, y in fr if lo <= x <= hi] + [y for x, y in report["uniform"].values() if y > 0 and lo <= x <= hi]
+        ys = [y for x, y, _ in fr if lo <= x <= hi] + [y for x, y, _ in report["uniform"].values() if y > 0 and lo <= x <= hi]
         ys += [c["measured_kl"] for c in checks if lo <= c["x"] <= hi]
         ax.set_xlim(lo, hi)
         if ys:

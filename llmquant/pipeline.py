@@ -354,8 +354,10 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
     ids = probe_ids(tokenizer, model.config.get_text_config().vocab_size)
     timings["load"] = time.perf_counter() - t_start - timings.get("auto", 0.0)
     t = time.perf_counter()
+    # (the code that made the saved layers: another llmquant, torch, transformers or bitsandbytes starts afresh)
+    code = {k: v for k, v in results_mod.versions().items() if k in ("llmquant", "torch", "transformers", "bitsandbytes")}
     key = WorkFolder.key(recipe.to_dict()["quantization"], recipe.to_dict().get("calibration"), fingerprint(src, model.config),
-                         str(plan.model_dtype), device.type, [int(i) for i in ids[0]], STATE_FORMAT)
+                         str(plan.model_dtype), device.type, [int(i) for i in ids[0]], STATE_FORMAT, code)
     # the export's files, laid out from the plan and filled layer by layer (process 0 writes)
     work = WorkFolder(out, key).open(export_files(plan, parse_size(recipe.output.max_shard_size)) if distributed.rank() == 0 else None)
     # evaluation is process 0's alone, as writing is
@@ -707,7 +709,8 @@ def evaluate_only(model: str, spec, output: Path, overwrite: bool = False, basel
             log.print(f"loading baseline {bsrc.describe()} ...")
             bmodel, btok = load_model(bsrc, dtype, device, trust_remote_code, allow_quantized=True)
             evaluation = Evaluation(spec, btok, progress, log.print, text)
-            key = evaluation.cache_key(fingerprint(bsrc, bmodel.config), bmodel.dtype, model_device(bmodel))
+            baseline_fingerprint = fingerprint(bsrc, bmodel.config)
+            key = evaluation.cache_key(baseline_fingerprint, bmodel.dtype, model_device(bmodel))
             evaluated["baseline"] = evaluation.run(bmodel, bsrc.short_name(), _size(bmodel, bsrc, None), reference=True, cache_key=key)
             del bmodel
             gc.collect()
@@ -727,7 +730,8 @@ def evaluate_only(model: str, spec, output: Path, overwrite: bool = False, basel
         info = {"source": src.describe(), "fingerprint": fingerprint(src, m.config), "dtype": _dtype_name(m.dtype),
                 "device": str(model_device(m)), "load_in": load_in, "baseline": bsrc.describe() if bsrc else None}
         res = results_mod.build({k: v.to_dict() for k, v in evaluated.items()}, evaluation.protocol(), info,
-                                timings={"total": time.perf_counter() - t0})
+                                timings={"total": time.perf_counter() - t0},
+                                baseline_fingerprint=baseline_fingerprint if bsrc is not None else None)
     finally:
         if evaluation is not None:
             evaluation.close()

@@ -71,8 +71,12 @@ def deltas(base: dict, other: dict) -> dict:
     return d
 
 
-def build(models: dict[str, dict], protocol: dict, model_info: dict, recipe: dict | None = None, timings: dict | None = None) -> dict:
+def build(models: dict[str, dict], protocol: dict, model_info: dict, recipe: dict | None = None, timings: dict | None = None,
+          baseline_fingerprint: str | None = None) -> dict:
+    """``baseline_fingerprint``: the model the baseline is (default: ``model_info``'s, a run's source model)."""
     base = models.get("baseline")
+    if base is not None:
+        base["fingerprint"] = baseline_fingerprint or model_info.get("fingerprint")
     return {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -280,12 +284,20 @@ def compare(paths: list[str]) -> dict:
     key = _protocol_key(ref)
     models: dict[str, dict] = {}
     speed_key, speed_dropped = None, []
+    baselines: dict = {}  # the first results file with a baseline, and that baseline's fingerprint (or label)
     for path, res in loaded:
         if _protocol_key(res) != key:
             raise UserError(
                 f"{path} was measured under another protocol than {ref_path} ({_protocol_summary(res)} vs "
                 f"{_protocol_summary(ref)}); only results measured the same way can be compared"
             )
+        b = res["models"].get("baseline")
+        if b is not None:  # one baseline in the table: every file's must be the same model
+            who = b.get("fingerprint") or f"label {b.get('label')}"
+            first = baselines.setdefault("first", (path, who))
+            if who != first[1]:
+                raise UserError(f"{path} has another baseline model than {first[0]} ({who} vs {first[1]}); compare "
+                                f"results whose baseline is the same model")
         name = _name(path, res)
         speed = _speed_of(path, res)
         if speed is not None:

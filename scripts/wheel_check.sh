@@ -30,10 +30,10 @@ PIP=("$WORK/venv/bin/python" -m pip install -q)
 grep -v -i '^\(transformers\|huggingface_hub\|tokenizers\)==' "$ROOT/constraints.txt" >"$WORK/constraints.txt"
 "${PIP[@]}" -c "$WORK/constraints.txt" "$WHEEL" "transformers==$TRANSFORMERS" pytest
 BIN="$WORK/venv/bin"
-"$BIN/python" -c "import llmquant, transformers; print('llmquant', llmquant.__version__, 'from', llmquant.__file__, '| transformers', transformers.__version__)"
 
 step "the demo from an empty folder"
 mkdir "$WORK/empty" && cd "$WORK/empty"
+"$BIN/python" -c "import llmquant, transformers; print('llmquant', llmquant.__version__, 'from', llmquant.__file__, '| transformers', transformers.__version__)"
 "$BIN/llmquant" init demo > r.yaml
 "$BIN/llmquant" run r.yaml --quiet
 "$BIN/llmquant" eval out/demo --text asset:botchan --range 0.6 1.0 --seqlen 256 --max-tokens 1024 \

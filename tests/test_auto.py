@@ -471,3 +471,11 @@ def test_a_tied_head_stays_tied_in_an_auto_export(tiny_dirs, tmp_path, text, mon
                                    "quantization": {"default": "nf4", "rules": rules}, "output": {"dir": str(tmp_path / "rules")}}))
     assert same.check.passed
     assert safetensors_bytes(tmp_path / "auto") == safetensors_bytes(tmp_path / "rules")
+    # the report's whole-file sizes (llmquant.json, auto.png) are those of the files: the chosen mix and uniform NF4
+    uniform = quiet(Recipe.from_dict({"model": {"source": str(tiny_dirs(arch))}, "device": "cpu",
+                                      "quantization": {"default": {"format": "nf4", "group_size": 64}},
+                                      "output": {"dir": str(tmp_path / "uniform")}}))
+    for predicted, folder in ((res.auto["chosen_file_bytes"], "auto"), (res.auto["uniform"]["nf4/g64"][2], "uniform")):
+        got = safetensors_bytes(tmp_path / folder)  # (header entries differ by a few hundred bytes a layer)
+        assert abs(predicted - got) <= 2e-3 * got, (folder, predicted, got)
+    assert uniform.check.passed

@@ -168,3 +168,16 @@ def test_results_table_lists_every_metric():
     assert byname["top-1 agreement with baseline"][2] == "90.00%"
     assert byname["t acc"][1:] == ["0.5000 ± 0.1000", "0.4000 ± 0.1000", "-0.1000"]
     assert "sliding windows (stride 4) of 8 tokens" in results_mod.protocol_line(res)
+
+
+def test_compare_refuses_results_whose_baselines_are_different_models(tiny_dirs, tmp_path, text_file, monkeypatch, capsys):
+    monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
+    quiet(eval_recipe(tiny_dirs("llama"), tmp_path / "a", text_file))
+    quiet(eval_recipe(tiny_dirs("llama"), tmp_path / "b", text_file, {"default": "int8"}))
+    quiet(eval_recipe(tiny_dirs("mistral"), tmp_path / "c", text_file))  # same protocol, another model
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "ok")]) == 0
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "c"), "--output", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path / 'c'} has another baseline model than {tmp_path / 'a'}" in err[0], err
+    assert not (tmp_path / "cmp").exists()

@@ -388,6 +388,30 @@ def test_another_recipe_does_not_resume_a_foreign_work_folder(tiny_dirs, tmp_pat
     assert not list(tmp_path.glob(".out.llmquant-partial-*"))  # a finished export supersedes stopped runs
 
 
+@pytest.mark.parametrize("upgraded", [None, "torch", "transformers", "bitsandbytes", "llmquant"])
+def test_a_stopped_run_resumes_only_with_the_code_that_made_its_layers(tiny_dirs, tmp_path, calib_file, monkeypatch,
+                                                                        upgraded):
+    from llmquant import results
+
+    real_save, real_versions = WorkFolder.save, results.versions
+    saved = []
+
+    def stop(self, step, tensors, record):
+        real_save(self, step, tensors, record)
+        saved.append(step)
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(WorkFolder, "save", stop)
+    with pytest.raises(KeyboardInterrupt):
+        quiet(make_recipe(tiny_dirs("llama"), tmp_path / "out", "rtn-mixed", calib_file))
+    monkeypatch.undo()
+    if upgraded:
+        monkeypatch.setattr(results, "versions", lambda: {**real_versions(), upgraded: "99.0"})
+    res = quiet(make_recipe(tiny_dirs("llama"), tmp_path / "out", "rtn-mixed", calib_file))
+    assert (res.resumed_from > 0) == (upgraded is None), res.resumed_from
+
+
 def peak_rss_of(cmd: list[str], **kw) -> tuple[int, subprocess.CompletedProcess]:
     """Run a command under /usr/bin/time -v; its peak resident memory in bytes."""
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, **kw)
