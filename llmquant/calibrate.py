@@ -247,7 +247,7 @@ class SequentialCalibrator:
 
     def tracks_float_model(self) -> bool:
         """Whether the float model's activations are carried beside the quantized ones (tune.target: model)."""
-        return self.spec.tune.target == "model" and any(ALGORITHMS[e.method].tunes for e in self.entries.values())
+        return tracks_float_model(self.spec, self.entries.values())
 
     def tunes_model(self) -> bool:
         """Whether the chosen scales are tuned end to end after the last decoder layer (calibration.tune.model_steps)."""
@@ -672,6 +672,12 @@ def _rel_error(w: torch.Tensor, qw: QuantizedWeight, h: torch.Tensor | None, ene
     if num is None:
         num = _output_energy(w.float() - qw.dequantize().to(w.device).float(), h)
     return (num / max(energy, 1e-30)) ** 0.5
+
+
+def tracks_float_model(spec, entries) -> bool:
+    """Whether calibration carries the float model's activations beside the quantized ones: tuning toward the float
+    model (``tune.target: model``) of any of ``entries`` (plan entries)."""
+    return spec.tune.target == "model" and any(e.scheme is not None and ALGORITHMS[e.method].tunes for e in entries)
 
 
 def calibrated_methods(plan: Plan) -> list[str]:

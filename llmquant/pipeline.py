@@ -20,6 +20,7 @@ from rich.console import Console
 
 from . import __version__
 from . import card, distributed
+from . import needs as needs_mod
 from . import results as results_mod
 from .checkpoint import file_digests
 from .data import load_text
@@ -126,9 +127,17 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
         if auto_report["loadable_by"] == "transformers" and not plan.stock_compatible(keep_in_fp32_modules(frame)):
             raise UserError("quantization.auto: the chosen formats are not all loadable by stock transformers "
                             "(a keep-in-fp32 module of this model was given a 4-bit format?); pin it with a rule")
+    if auto_report is None:  # (else the search of quantization.auto opened it already)
+        reader = _stream_reader(recipe, src, frame, log, plan)
+    needs = _needs(recipe, plan, frame, dtype, reader is not None)
     if dry_run:
+        if reader is not None:
+            reader.close()
         print_plan(plan, console, per_layer=True)
         console.print(f"estimated checkpoint size: {human_bytes(plan.file_bytes_estimate())}")
+        console.print("what the run needs (estimates of the largest items):")
+        for line in needs.lines():
+            console.print(f"  {line}")
         if auto_report:
             measured = auto_report.get("measured_kl")
             console.print(f"quantization.auto ({auto_report['target']}): predicted KL divergence "
@@ -136,8 +145,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
                           + " nats/token; the rules it chose:")
             console.print(yaml_rules(recipe), markup=False, highlight=False)
         return RunResult(recipe, plan, timings=timings, auto=auto_report)
-    if auto_report is None:  # (else the search of quantization.auto opened it already)
-        reader = _stream_reader(recipe, src, frame, log, plan)
+    needs_mod.check(needs, out, pick_device(recipe.device), _free_memory)  # before any weight is loaded
     if distributed.active() and (reader is None or not needs_calibration(plan)):
         raise UserError("a run over several processes shares out calibration windows of a streamed model: "
                         + ("this recipe calibrates nothing" if reader is not None else "this one loads the whole model (see above)")
@@ -510,6 +518,15 @@ def _whole_for_tasks(src, label: str, nbytes: int, dtype: str, device: torch.dev
     finally:
         if offload is not None:
             shutil.rmtree(offload, ignore_errors=True)
+
+
+def _needs(recipe: Recipe, plan, frame, dtype: torch.dtype, streamed: bool):
+    """The run's memory and disk needs (:mod:`llmquant.needs`), from the recipe and the skeleton."""
+    from .calibrate import tracks_float_model
+
+    calibrated = recipe.calibration is not None and needs_calibration(plan)
+    tracks = calibrated and tracks_float_model(recipe.calibration, plan.entries)
+    return needs_mod.estimate(recipe, plan, frame, dtype, streamed, pick_device(recipe.device), calibrated, tracks)
 
 
 def _free_memory(device: torch.device, all_gpus: bool = False) -> int:

@@ -1,0 +1,126 @@
+"""What a run will need, from the recipe and the model's shapes alone: host memory, device memory and disk.
+
+Computed on the skeleton (no weight read), printed by ``llmquant run --dry-run``, and checked by ``llmquant run``
+before any weight is loaded: a recipe that needs more memory or disk than the machine has is refused in one line
+naming the setting to change. The figures are estimates of the largest items, each said in the output:
+
+* weights: the whole float model when it is loaded whole, else the largest decoder layer (the model outside its
+  decoder layers, embeddings and head, stays resident beside it);
+* calibration activations: windows x seqlen x hidden size in the model's dtype, per generation; two generations
+  (a layer's inputs and its outputs), three when tuning toward the float model carries its activations too;
+  kept in memory, or with ``calibration.activations: disk`` three (five) generations on disk;
+* Hessians: for every Linear layer of the largest decoder layer, its inputs' XᵀX sums (float64 upper triangle,
+  then float32): 4 x in_features² bytes each, an upper bound (layers reading one tensor share one);
+* the export's files, and a streamed run's resume state (one generation of activations) beside the output.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .report import human_bytes
+
+
+@dataclass
+class Needs:
+    host: dict[str, int] = field(default_factory=dict)  # item -> bytes in host memory
+    device: dict[str, int] = field(default_factory=dict)  # item -> bytes on the GPU (a CUDA run)
+    disk: dict[str, int] = field(default_factory=dict)  # item -> bytes beside the output
+    settings: dict[str, object] = field(default_factory=dict)  # what the activations' figure was computed from
+
+    def lines(self) -> list[str]:
+        out = []
+        for where, items in (("host memory", self.host), ("GPU memory", self.device), ("disk beside the output", self.disk)):
+            if items:
+                parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in items.items() if v)
+                out.append(f"{where}: about {human_bytes(sum(items.values()))} ({parts})")
+        return out
+
+
+def layer_bytes(layer: nn.Module, dtype: torch.dtype) -> int:
+    return sum(p.numel() for p in layer.parameters()) * dtype.itemsize
+
+
+def hessian_bytes(layer: nn.Module) -> int:
+    """Upper bound of the calibration statistics one decoder layer holds at once."""
+    from .plan import linear_shape, quantizable
+
+    return sum(4 * linear_shape(m)[1] ** 2 for m in layer.modules() if quantizable(m))
+
+
+def estimate(recipe, plan, frame: nn.Module, dtype: torch.dtype, streamed: bool, device: torch.device,
+             calibrated: bool, tracks_float: bool) -> Needs:
+    """``frame``: the model's skeleton (meta tensors will do)."""
+    from .walk import decoder_layers
+
+    _, layers = decoder_layers(frame)
+    largest = max(layers, key=lambda l: layer_bytes(l, dtype))
+    n = Needs()
+    whole = plan.float_bytes
+    on_gpu = device.type == "cuda"
+    weights = n.device if on_gpu else n.host
+    if streamed:
+        outside = whole - sum(layer_bytes(l, dtype) for l in layers)
+        weights["the model outside its decoder layers"] = max(outside, 0)
+        weights["the largest decoder layer"] = layer_bytes(largest, dtype)
+    else:
+        weights["the float model"] = whole
+    c = recipe.calibration
+    if calibrated and c is not None:
+        hidden = frame.config.get_text_config().hidden_size
+        generation = c.nsamples * c.seqlen * hidden * dtype.itemsize
+        n.settings = {"nsamples": c.nsamples, "seqlen": c.seqlen, "hidden": hidden, "bytes": dtype.itemsize,
+                      "streamed": streamed}
+        gens = 3 if tracks_float else 2
+        if streamed and c.activations == "disk":
+            n.disk["calibration activations"] = generation * (5 if tracks_float else 3)
+        else:
+            n.host[f"calibration activations ({gens} x {human_bytes(generation)})"] = generation * gens
+        (n.device if on_gpu else n.host)["Hessians of the largest layer (at most)"] = hessian_bytes(largest)
+        if streamed:
+            n.disk["resume state"] = generation * (2 if tracks_float else 1)
+    n.disk["the export"] = plan.file_bytes_estimate()
+    return n
+
+
+def free_host_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check(needs: Needs, out: Path, device: torch.device, free_memory) -> None:
+    """Refuse, in one line, a run whose needs exceed the free host memory, GPU memory or disk; ``free_memory(device)``
+    gives the free bytes of a device."""
+    def refuse(where: str, items: dict, free: int) -> None:
+        total = sum(items.values())
+        biggest = max(items, key=items.get)
+        hint = ("lower calibration.nsamples or calibration.seqlen" + (", or set calibration.activations: disk"
+                if "activations" in biggest and "disk" not in where and needs.settings.get("streamed") else "")
+                if "activations" in biggest or "state" in biggest else
+                "use a machine with more memory, or a smaller model" if "model" in biggest or "layer" in biggest else
+                "free some space or choose another output folder")
+        raise UserError(f"this run needs about {human_bytes(total)} of {where} ({biggest}: {human_bytes(items[biggest])}) "
+                        f"and {human_bytes(free)} are free: {hint}")
+
+    if needs.host:
+        free = free_host_memory()
+        if sum(needs.host.values()) > free:
+            refuse("host memory", needs.host, free)
+    if needs.device and device.type == "cuda":
+        free = free_memory(device)
+        if sum(needs.device.values()) > free:
+            refuse(f"memory on {device}", needs.device, free)
+    if needs.disk:
+        folder = Path(out).absolute().parent
+        while not folder.exists():
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        if sum(needs.disk.values()) > free:
+            refuse(f"disk in {folder}", needs.disk, free)
