@@ -74,9 +74,9 @@ def check_candidates(candidates: list, loadable_by: str, model_dtype: torch.dtyp
     return candidates
 
 
-def fits(c, e: PlanEntry) -> bool:
+def fits(c, e: PlanEntry, tile: int | None = CPU_4BIT_ROW_TILE) -> bool:
     if isinstance(c, FourBit):
-        return e.in_features % c.group_size == 0 and e.out_features % CPU_4BIT_ROW_TILE == 0
+        return e.in_features % c.group_size == 0 and not (tile and e.out_features % tile)
     return True
 
 
@@ -670,7 +670,11 @@ def prepare(recipe, model: nn.Module, dtype: torch.dtype) -> Problem:
     from .recipe import parse_size
 
     q, auto = recipe.quantization, recipe.quantization.auto
-    base = build_plan(model, q.model_copy(update={"auto": None}), dtype)
+    from .models import pick_device
+    from .plan import row_tile
+
+    tile = row_tile(pick_device(recipe.device))
+    base = build_plan(model, q.model_copy(update={"auto": None}), dtype, tile)
     free = [e for e in base.entries if e.source == "default"]
     if not free:
         raise UserError("quantization.auto: the rules and ignore leave no layer to choose a format for")
@@ -685,7 +689,7 @@ def prepare(recipe, model: nn.Module, dtype: torch.dtype) -> Problem:
         candidates = [c for c in candidates if not (isinstance(c, Int8) and FourBit in kinds)
                       and not (isinstance(c, FourBit) and Int8 in kinds)]
     candidates = check_candidates(candidates, auto.loadable_by, dtype)
-    menus = {e.name: [k for k in candidates if fits(k, e)] for e in free}
+    menus = {e.name: [k for k in candidates if fits(k, e, tile)] for e in free}
     for e in free:
         if not menus[e.name]:
             raise UserError(f"quantization.auto: no candidate fits {e.name} ({e.out_features}x{e.in_features}); "

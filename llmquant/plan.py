@@ -241,8 +241,15 @@ def output_head_name(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None)
 
 
-def build_plan(model: nn.Module, q: Quantization, model_dtype: torch.dtype) -> Plan:
-    """Assign a format to every Linear layer; raise :class:`UserError` on anything that cannot work."""
+def row_tile(device: torch.device) -> int | None:
+    """The output-row multiple 4-bit layers need where they run: bitsandbytes' CPU kernel tiles rows by 32; its CUDA
+    kernels take any width."""
+    return CPU_4BIT_ROW_TILE if device.type == "cpu" else None
+
+
+def build_plan(model: nn.Module, q: Quantization, model_dtype: torch.dtype, tile: int | None = CPU_4BIT_ROW_TILE) -> Plan:
+    """Assign a format to every Linear layer; raise :class:`UserError` on anything that cannot work (``tile``: see
+    :func:`row_tile`)."""
     layers = {n: m for n, m in model.named_modules() if quantizable(m)}
     if not layers:
         raise UserError(f"{type(model).__name__} has no Linear layers to quantize")
@@ -279,7 +286,7 @@ def build_plan(model: nn.Module, q: Quantization, model_dtype: torch.dtype) -> P
                 r = q.rules[idx]
                 scheme, method, source = r.scheme, r.method or q.method, f"rule {idx}"
         e = PlanEntry(name, type(module).__name__, out_f, in_f, module.bias is not None, scheme, method, source)
-        _check_entry(e, model_dtype, tied)
+        _check_entry(e, model_dtype, tied, tile)
         e.tensors = entry_tensors(e, model_dtype)
         if name in tied:  # transformers saves a tied weight once, under the other module's name
             e.tensors.pop("weight")
@@ -343,7 +350,7 @@ def _tied_layers(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, st
     return out
 
 
-def _check_entry(e: PlanEntry, model_dtype: torch.dtype, tied: dict[str, str]) -> None:
+def _check_entry(e: PlanEntry, model_dtype: torch.dtype, tied: dict[str, str], tile: int | None) -> None:
     s = e.scheme
     if s is None:
         return
@@ -360,10 +367,10 @@ def _check_entry(e: PlanEntry, model_dtype: torch.dtype, tied: dict[str, str]) -
                 f"{e.name} ({e.source}): group_size {s.group_size} does not divide its {e.in_features} inputs; "
                 f"block sizes that fit it: {allowed}"
             )
-        if e.out_features % CPU_4BIT_ROW_TILE:
+        if tile and e.out_features % tile:
             raise UserError(
-                f"{e.name} ({e.source}): {s.format} needs out_features divisible by {CPU_4BIT_ROW_TILE} "
-                f"(bitsandbytes' CPU kernel), it has {e.out_features}; give it int8 or a float format"
+                f"{e.name} ({e.source}): {s.format} needs out_features divisible by {tile} on CPU "
+                f"(bitsandbytes' CPU kernel), it has {e.out_features}; give it int8 or a float format, or run on a GPU"
             )
     if isinstance(s, Keep) and s.dtype.itemsize > model_dtype.itemsize:
         raise UserError(

@@ -168,6 +168,26 @@ def test_a_recipe_with_bench_measures_its_export_and_the_baseline(tiny_dirs, tmp
     assert main(["inspect", str(out)]) == 0  # the records still describe the files
 
 
+def test_a_bench_out_of_memory_after_the_export_is_reported_and_the_run_goes_on(tiny_dirs, tmp_path, monkeypatch, capsys):
+    import llmquant.bench as bench_mod
+    import llmquant.pipeline as pipeline
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    pushed = []
+    monkeypatch.setattr(bench_mod, "bench", oom)
+    monkeypatch.setattr(pipeline, "_push", lambda recipe, out, console, log: pushed.append(out))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"model": {"source": str(tiny_dirs("llama"))}, "device": "cpu",
+                                  "quantization": {"default": "nf4"}, "bench": {"prompt_tokens": 8, "new_tokens": 4},
+                                  "output": {"dir": str(tmp_path / "out")}}))
+    assert main(["run", str(recipe), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the bench did not run (CUDA out of memory. Tried to allocate 2.00 GiB); the export at" in err, err
+    assert pushed == [tmp_path / "out"] and main(["inspect", str(tmp_path / "out")]) == 0  # in place, and pushed
+
+
 def test_bad_bench_sections_are_refused_before_any_work(tiny_dirs, tmp_path):
     from llmquant.recipe import Recipe
 

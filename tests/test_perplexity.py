@@ -155,3 +155,26 @@ def test_divergence_matches_a_direct_computation(tmp_path):
     same = evaluate(a, ids, windows, reference=store, progress=False).divergence
     assert same["kl_divergence"]["mean"] < 1e-4 and same["top1_agreement"] == 1.0
     store.close()
+
+
+def test_a_batch_out_of_memory_backs_off_to_smaller_batches():
+    model = build_tiny("llama").eval()
+    ids = torch.randint(0, model.config.vocab_size, (8 * 24,))
+    windows = make_windows(len(ids), 24, "windows")
+    seen = []
+
+    class SmallGpu(torch.nn.Module):  # runs out of memory above 2 windows at once
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            seen.append(len(x))
+            if len(x) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return self.inner(x)
+
+    one = evaluate(model, ids, windows, batch_size=1)
+    backed = evaluate(SmallGpu(), ids, windows, batch_size=8)
+    assert backed.perplexity == pytest.approx(one.perplexity, rel=1e-5)
+    assert seen[:4] == [8, 4, 2, 2] and max(seen[1:]) <= 4

@@ -102,11 +102,33 @@ def test_tied_head_cannot_be_quantized():
         build_plan(model, q(ignore=[]), torch.float32)
 
 
-def test_odd_output_width_is_refused_for_4bit():
+def test_odd_output_width_is_refused_for_4bit_on_cpu_only(tiny_dirs, tmp_path, monkeypatch, capsys):
     from torch import nn
+
+    from llmquant import pipeline
+    from llmquant.cli import main
+    from llmquant.plan import row_tile
 
     model = build_tiny("llama")
     model.model.layers[0].mlp.down_proj = nn.Linear(256, 120, bias=False)  # 120 rows: not a multiple of 32
-    with pytest.raises(UserError, match="needs out_features divisible by 32"):
-        build_plan(model, q(default="nf4"), torch.float32)
+    with pytest.raises(UserError, match="needs out_features divisible by 32 on CPU"):
+        build_plan(model, q(default="nf4"), torch.float32, row_tile(torch.device("cpu")))
     build_plan(model, q(default="nf4", rules=[{"match": "*.down_proj", "format": "int8"}]), torch.float32)
+    build_plan(model, q(default="nf4"), torch.float32, row_tile(torch.device("cuda")))  # bitsandbytes' CUDA kernels
+    # the same through a run (an MLP 120 wide): refused on CPU, planned for a GPU
+    from conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.intermediate_size = 120
+    build_tiny("llama", config=config).save_pretrained(tmp_path / "odd")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{source: {tmp_path / 'odd'}}}\ndevice: DEVICE\noutput: {{dir: {tmp_path / 'out'}}}\n"
+                      "quantization: {default: {format: nf4, group_size: 32}, rules: [{match: '*.down_proj', format: int8}]}\n")
+    text = recipe.read_text()
+    recipe.write_text(text.replace("DEVICE", "cpu"))
+    assert main(["run", str(recipe), "--dry-run"]) == 2
+    assert "needs out_features divisible by 32 on CPU" in capsys.readouterr().err
+    recipe.write_text(text.replace("DEVICE", "cuda"))
+    monkeypatch.setattr(pipeline, "pick_device", lambda name: torch.device("cuda"))
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    assert "model.layers.0.mlp.gate_proj" in capsys.readouterr().out

@@ -111,6 +111,20 @@ def _device(model) -> torch.device:
     return next(p.device for p in model.parameters() if p.device.type != "meta")
 
 
+def _logits(model, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The model's logits for a batch of windows; a batch that runs out of memory is split in halves (down to one
+    window), so a batch size chosen for the GPU's size backs off instead of failing."""
+    try:
+        return model(x.to(device)).logits
+    except torch.OutOfMemoryError:
+        if len(x) == 1:
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(x) // 2
+        return torch.cat([_logits(model, x[:half], device), _logits(model, x[half:], device)])
+
+
 @torch.no_grad()
 def evaluate(model, ids: torch.Tensor, windows: list[Window], batch_size: int = 4, write_logprobs: LogprobStore | None = None,
              reference: LogprobStore | None = None, progress: bool = True, desc: str = "perplexity",
@@ -134,7 +148,7 @@ def evaluate(model, ids: torch.Tensor, windows: list[Window], batch_size: int = 
     position = 0  # counted tokens so far, in window order (indexes the stores)
     batches = _batches(windows, batch_size)
     xs = [torch.stack([ids[w.begin : w.end] for w in batch]) for batch in batches]
-    all_logits = logits_of(xs) if logits_of is not None else (model(x.to(device)).logits for x in xs)
+    all_logits = logits_of(xs) if logits_of is not None else (_logits(model, x, device) for x in xs)
     bar = tqdm(total=sum(w.n_targets for w in windows), desc=desc, unit="tok", disable=not progress)
     for batch, x, logits in zip(batches, xs, all_logits):
         x = x.to(logits.device)
