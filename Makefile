@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test wheel-check assets clean
+.PHONY: setup demo test wheel-check gpu-check assets clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+# on a machine with a CUDA GPU (make setup TORCH=... with a CUDA build first): see scripts/gpu_check.py
+gpu-check: setup
+	PYTHON=$(BIN)/python scripts/gpu_check.sh
 
 assets: setup
 	$(BIN)/llmquant assets fetch

@@ -81,3 +81,22 @@ sys.exit(cli.main(sys.argv[1:]))
     assert NOISE and not any(message in err for _, message, _ in NOISE), err
     err = stderr("-v", "init")  # --verbose: everything, every time
     assert err.count("a library changed something") == 2 and all(err.count(m) == 2 for _, m, _ in NOISE), err
+
+
+def test_the_gpu_check_says_what_it_would_run_and_needs_a_gpu_to_run_it(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    dry = subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(tmp_path / "g")], capture_output=True,
+                         text=True, check=True).stdout
+    for step in ("cuda tests", "demo on cuda", "random 8B-shape model", "gptq nf4 8B streamed", "rtn int8 8B streamed",
+                 "bench bf16", "bench gptq-nf4"):
+        assert f"  {step}: " in dry, dry
+    assert "-m cuda" in dry and "--batch-sizes 1,16" in dry and not (tmp_path / "g").exists()
+    import torch
+
+    if not torch.cuda.is_available():
+        run = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "g")], capture_output=True, text=True)
+        assert run.returncode == 2 and run.stderr.startswith("error: no CUDA GPU is visible to torch")
