@@ -244,6 +244,16 @@ def botchan_text() -> str:
 # layer must then not run forward where the kernel for it is missing).
 
 
+@pytest.fixture(autouse=True)
+def _no_baseline_cache(request, monkeypatch):
+    """Every test evaluates its baselines afresh (a run reusing another run's cached baseline would make comparisons
+    of the two trivially equal); tests marked ``baseline_cache`` test the cache itself."""
+    if request.node.get_closest_marker("baseline_cache") is None:
+        from llmquant.evaluate import Evaluation
+
+        monkeypatch.setattr(Evaluation, "cache_key", lambda self, *a, **k: None)
+
+
 @pytest.fixture
 def no_cpu_repacking(monkeypatch):
     import bitsandbytes.nn.modules as bnb_modules

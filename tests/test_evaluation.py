@@ -53,6 +53,7 @@ def test_run_writes_versioned_results(tiny_dirs, tmp_path, text_file, monkeypatc
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.baseline_cache
 def test_baseline_is_cached_across_runs(tiny_dirs, tmp_path, text_file, monkeypatch):
     monkeypatch.setenv("LLMQUANT_CACHE", str(tmp_path / "cache"))
     first = quiet(eval_recipe(tiny_dirs("llama"), tmp_path / "a", text_file)).results

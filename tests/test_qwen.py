@@ -58,3 +58,33 @@ def test_the_wikipedia_text_is_plain_articles():
     marked = [p for p in paragraphs if any(m in p for m in markup)]
     # (the article on ASCII quotes the printable characters, braces and brackets included, inside a template)
     assert len(paragraphs) > 3000 and len(marked) <= 1, marked
+
+
+def test_a_real_model_with_sliding_window_layers_streams_as_it_runs_whole(qwen_dir, tmp_path, monkeypatch):
+    """Qwen2.5-Coder's weights with sliding-window attention (64 tokens) on its last 12 layers, full attention on the
+    first 12, evaluated on windows of 128: each layer must get its own mask in the layer-by-layer evaluation."""
+    folder = tmp_path / "sliding"
+    folder.mkdir()
+    for p in qwen_dir.iterdir():
+        if p.name != "config.json":
+            (folder / p.name).symlink_to(p)
+    cfg = json.loads((qwen_dir / "config.json").read_text())
+    cfg.update(use_sliding_window=True, sliding_window=64, max_window_layers=12)
+    cfg.pop("layer_types", None)  # recomputed from the three above
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+    def measured(model_dir, out):
+        r = Recipe.from_dict({"model": {"source": str(model_dir)}, "device": "cpu", "quantization": {"default": "int8"},
+                              "eval": {"text": {"source": "asset:enwiki", "range": [0.8, 1.0]}, "seqlen": 128,
+                                       "max_tokens": 512, "divergence": False},
+                              "output": {"dir": str(out)}})
+        res = run(r, console=Console(file=io.StringIO()), progress=False)
+        return res.streamed, res.results["models"]["baseline"]["perplexity"]
+
+    streamed = measured(folder, tmp_path / "s")
+    plain = measured(qwen_dir, tmp_path / "p")
+    monkeypatch.setattr(pipeline, "_stream_reader", lambda *a: None)
+    whole = measured(folder, tmp_path / "w")
+    assert streamed[0] and plain[0] and not whole[0]
+    assert streamed[1] == pytest.approx(whole[1], rel=1e-3)  # the target: within 0.1%
+    assert abs(streamed[1] / plain[1] - 1) > 1e-3  # and the windows matter: not what full attention everywhere gives

@@ -482,9 +482,6 @@ def test_tasks_of_a_streamed_run_load_each_model_whole_and_offload_a_baseline_th
     """lm-eval tasks do not stop a run from streaming: each model is loaded whole for its tasks, the float baseline
     offloaded to disk by accelerate when it does not fit in eval.tasks_max_memory, and the scores are the in-memory
     run's."""
-    from llmquant.evaluate import Evaluation
-
-    monkeypatch.setattr(Evaluation, "cache_key", lambda self, *a: None)  # both runs evaluate their baseline
     ev = {"text": {"source": str(calib_file)}, "seqlen": 32, "max_tokens": 100,
           "tasks": ["botchan_cloze"], "task_limit": 4, "task_batch_size": 2, "tasks_max_memory": "10KB"}
 
