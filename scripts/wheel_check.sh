@@ -17,6 +17,7 @@ trap 'rm -rf "$WORK"' EXIT
 step() { printf '\n== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
 
 step "build the wheel"
+cp -r "$ROOT/tests" "$ROOT/pyproject.toml" "$WORK/"  # the tests (and their settings) of the sources the wheel is built from
 "$PYTHON" -m build --wheel --outdir "$WORK/dist" "$ROOT" >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; exit 1; }
 WHEEL="$(ls "$WORK"/dist/llmquant-*.whl)"
 echo "$WHEEL"
@@ -49,5 +50,5 @@ print("demo export, its tasks and a separate eval: ok")
 PY
 
 step "compatibility tests against the installed package"
-"$BIN/pytest" -m compat -q -p no:cacheprovider --rootdir="$ROOT" "$ROOT/tests"
+"$BIN/pytest" -m compat -q -p no:cacheprovider --rootdir="$WORK" -c "$WORK/pyproject.toml" "$WORK/tests"
 step "done"
