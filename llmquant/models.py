@@ -71,15 +71,18 @@ def pick_device(device: str) -> torch.device:
     return d
 
 
-def resolve_dtype(name: str, src: ModelSource, config) -> torch.dtype:
+def resolve_dtype(name: str, src: ModelSource, config, device: torch.device | None = None) -> torch.dtype:
+    """``auto``: the checkpoint's own dtype; where it has none (a GGUF file, which transformers dequantizes), float32
+    on CPU and bfloat16 on a GPU that computes in it."""
     if name != "auto":
         return TORCH_DTYPES[name]
-    if src.kind == "gguf":
-        return torch.float32  # transformers dequantizes GGUF tensors to float32
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    d = None if src.kind == "gguf" else getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(d, str):
         d = TORCH_DTYPES.get(d)
-    return d if d in TORCH_DTYPES.values() else torch.float32
+    if d in TORCH_DTYPES.values():
+        return d
+    gpu = device is not None and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if gpu else torch.float32
 
 
 def load_config(src: ModelSource, trust_remote_code: bool = False):
@@ -108,8 +111,8 @@ def load_model(src: ModelSource, dtype: str = "auto", device: str = "auto", trus
     from . import hf_integration  # noqa: F401  (llmquant checkpoints load too)
 
     config = load_config(src, trust_remote_code)
-    torch_dtype = resolve_dtype(dtype, src, config)
     dev = pick_device(device)
+    torch_dtype = resolve_dtype(dtype, src, config, dev)
     kw = src.from_pretrained_kwargs()
     if src.kind == "folder" and not allow_pickle and not list(Path(src.location).glob("*.safetensors")):
         if list(Path(src.location).glob("*.bin")) or list(Path(src.location).glob("*.pt")):

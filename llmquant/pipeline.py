@@ -103,7 +103,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
     # The plan needs only the model's structure: planned on a skeleton without memory, every bad rule or
     # unsupported model fails here, before any weight is read.
     config = load_config(src, m.trust_remote_code)
-    dtype = resolve_dtype(m.dtype, src, config)
+    dtype = resolve_dtype(m.dtype, src, config, pick_device(recipe.device))
     if recipe.calibration is not None and not dry_run:
         # before the skeleton: building it allocates (untouched) every weight once; with glibc's threshold raised by an
         # earlier free, that left a heap of ~1 GB free space (1B model) that later temporaries filled and stayed in

@@ -110,3 +110,19 @@ def test_a_recipe_that_fits_runs(tiny_dirs, tmp_path, monkeypatch):
     (tmp_path / "r.yaml").write_text(json.dumps(d))
     monkeypatch.setattr(needs, "free_host_memory", lambda: 2 * 2**30)
     assert main(["run", str(tmp_path / "r.yaml"), "--quiet"]) == 0
+
+
+def test_dtype_auto_keeps_the_checkpoints_dtype_and_a_gguf_file_computes_in_bfloat16_on_a_gpu(monkeypatch):
+    from types import SimpleNamespace
+
+    from llmquant.models import ModelSource, resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gguf, folder = ModelSource("gguf", "m.gguf"), ModelSource("folder", "m")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    bf16 = SimpleNamespace(dtype=torch.bfloat16)
+    assert resolve_dtype("auto", folder, bf16, cpu) == resolve_dtype("auto", folder, bf16, gpu) == torch.bfloat16
+    assert resolve_dtype("auto", gguf, bf16, cpu) == torch.float32  # transformers dequantizes GGUF to float32
+    assert resolve_dtype("auto", gguf, bf16, gpu) == torch.bfloat16
+    assert resolve_dtype("auto", folder, SimpleNamespace(), gpu) == torch.bfloat16
+    assert resolve_dtype("float16", gguf, bf16, gpu) == torch.float16
