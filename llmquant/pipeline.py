@@ -309,8 +309,6 @@ def _stream_reader(recipe: Recipe, src, model, log, plan: Plan | None = None):
             reason = "calibration.tune.model_steps tunes the whole model at once"
         elif c.generated > 0:
             reason = "calibration.generated samples calibration windows from the whole float model"
-    if reason is None and pick_device(recipe.device).type == "cuda" and recipe.device == "auto" and torch.cuda.device_count() > 1:
-        reason = "several GPUs are used through accelerate's device map"
     if reason is None:
         reader = CheckpointReader(local_folder(src))
         reader.rename_for(model)

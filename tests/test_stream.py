@@ -515,3 +515,20 @@ def test_a_calibrated_run_fixes_the_heaps_mmap_threshold_before_building_the_ske
     calls.clear()
     quiet(make_recipe(tiny_dirs("llama"), tmp_path / "rtn", "rtn-mixed", calib_file))
     assert calls == ["skeleton"]
+
+
+def test_several_gpus_stream_one_layer_at_a_time_like_one(tiny_dirs, monkeypatch):
+    """Streaming (one decoder layer on one GPU per process) is the default whatever the GPU count, so a torchrun launch
+    on a machine with several GPUs shares calibration out instead of being refused for a device-map path."""
+    from llmquant.models import load_config, resolve_source
+    from llmquant.stream import skeleton
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(pipeline, "pick_device", lambda name: torch.device("cuda"))
+    src = resolve_source(str(tiny_dirs("llama")))
+    frame = skeleton(load_config(src), torch.float32)
+    recipe = make_recipe(tiny_dirs("llama"), Path("out"), "gptq", Path("calib.txt")).with_overrides({"device": "auto"})
+    notes = []
+    reader = pipeline._stream_reader(recipe, src, frame, type("Log", (), {"print": staticmethod(notes.append)}))
+    assert reader is not None and notes == []
+    reader.close()
