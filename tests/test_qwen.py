@@ -60,9 +60,18 @@ def test_the_wikipedia_text_is_plain_articles():
     assert len(paragraphs) > 3000 and len(marked) <= 1, marked
 
 
-def test_a_real_model_with_sliding_window_layers_streams_as_it_runs_whole(qwen_dir, tmp_path, monkeypatch):
+def test_a_real_model_with_sliding_window_layers_streams_as_it_runs_whole(qwen_dir, tmp_path):
     """Qwen2.5-Coder's weights with sliding-window attention (64 tokens) on its last 12 layers, full attention on the
-    first 12, evaluated on windows of 128: each layer must get its own mask in the layer-by-layer evaluation."""
+    first 12, evaluated on windows of 128: the layer-by-layer evaluation (each layer with its own mask) measures what
+    the whole model measures, and not what full attention everywhere gives."""
+    import torch
+
+    from llmquant.data import load_text
+    from llmquant.evaluate import Evaluation
+    from llmquant.models import load_config, load_model, load_tokenizer, resolve_source
+    from llmquant.recipe import EvalSpec
+    from llmquant.stream import CheckpointReader, skeleton
+
     folder = tmp_path / "sliding"
     folder.mkdir()
     for p in qwen_dir.iterdir():
@@ -73,18 +82,18 @@ def test_a_real_model_with_sliding_window_layers_streams_as_it_runs_whole(qwen_d
     cfg.pop("layer_types", None)  # recomputed from the three above
     (folder / "config.json").write_text(json.dumps(cfg))
 
-    def measured(model_dir, out):
-        r = Recipe.from_dict({"model": {"source": str(model_dir)}, "device": "cpu", "quantization": {"default": "int8"},
-                              "eval": {"text": {"source": "asset:enwiki", "range": [0.8, 1.0]}, "seqlen": 128,
-                                       "max_tokens": 512, "divergence": False},
-                              "output": {"dir": str(out)}})
-        res = run(r, console=Console(file=io.StringIO()), progress=False)
-        return res.streamed, res.results["models"]["baseline"]["perplexity"]
-
-    streamed = measured(folder, tmp_path / "s")
-    plain = measured(qwen_dir, tmp_path / "p")
-    monkeypatch.setattr(pipeline, "_stream_reader", lambda *a: None)
-    whole = measured(folder, tmp_path / "w")
-    assert streamed[0] and plain[0] and not whole[0]
-    assert streamed[1] == pytest.approx(whole[1], rel=1e-3)  # the target: within 0.1%
-    assert abs(streamed[1] / plain[1] - 1) > 1e-3  # and the windows matter: not what full attention everywhere gives
+    spec = EvalSpec.model_validate({"text": {"source": "asset:enwiki", "range": [0.8, 1.0]}, "seqlen": 128,
+                                    "max_tokens": 512, "divergence": False})
+    src = resolve_source(str(folder))
+    evaluation = Evaluation(spec, load_tokenizer(src), False, lambda m: None, load_text(spec.text, "eval"))
+    frame = skeleton(load_config(src), torch.float32)
+    assert frame.config.layer_types[0] == "full_attention" and frame.config.layer_types[-1] == "sliding_attention"
+    reader = CheckpointReader(folder)
+    try:
+        streamed = pipeline._evaluate_streamed(evaluation, frame, reader, torch.device("cpu"), "float32", {}, None, False)
+    finally:
+        reader.close()
+    whole = evaluation.run(load_model(src, "float32", "cpu")[0], "whole", {}, reference=True)
+    plain = evaluation.run(load_model(resolve_source(str(qwen_dir)), "float32", "cpu")[0], "plain", {}, reference=True)
+    assert streamed.perplexity.perplexity == pytest.approx(whole.perplexity.perplexity, rel=1e-3)  # within 0.1%
+    assert abs(whole.perplexity.perplexity / plain.perplexity.perplexity - 1) > 1e-3  # the windows matter here
