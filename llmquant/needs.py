@@ -11,7 +11,8 @@ naming the setting to change. The figures are estimates of the largest items, ea
   kept in memory, or with ``calibration.activations: disk`` three (five) generations on disk;
 * Hessians: for every Linear layer of the largest decoder layer, its inputs' XᵀX sums (float64 upper triangle,
   then float32): 4 x in_features² bytes each, an upper bound (layers reading one tensor share one);
-* the export's files, and a streamed run's resume state (one generation of activations) beside the output.
+* the export's files, and a streamed run's resume state beside the output (activations kept in memory are saved after
+  each layer, the new state written before the old one goes: two generations for a moment).
 """
 
 from __future__ import annotations
@@ -83,8 +84,10 @@ def estimate(recipe, plan, frame: nn.Module, dtype: torch.dtype, streamed: bool,
         else:
             n.host[f"calibration activations ({gens} x {human_bytes(generation)})"] = generation * gens
         (n.device if on_gpu else n.host)["Hessians of the largest layer (at most)"] = hessian_bytes(largest)
-        if streamed:
-            n.disk["resume state"] = generation * (2 if tracks_float else 1)
+        if streamed and c.activations != "disk":
+            # the state after a layer is written before the one before it goes: two copies at once for a moment
+            # (with activations on disk the state only points to the generations counted above)
+            n.disk["resume state"] = 2 * generation * (2 if tracks_float else 1)
     n.disk["the export"] = plan.file_bytes_estimate()
     return n
 

@@ -50,7 +50,7 @@ def test_figures_match_a_hand_computation(name, streamed):
     if streamed:
         assert got["the largest decoder layer"] == pytest.approx(layer, rel=0.10)
         assert got["the model outside its decoder layers"] == pytest.approx(2 * (2 * vocab * h + h), rel=0.10)
-        assert n.disk["resume state"] == activations
+        assert n.disk["resume state"] == 2 * activations  # the state after a layer beside the one before it, a moment
     else:
         assert got["the float model"] == pytest.approx(whole, rel=0.10)
     assert n.disk["the export"] == pytest.approx(plan.file_bytes_estimate())

@@ -353,18 +353,27 @@ def test_activations_on_disk_without_room_for_them_are_refused_before_any_work(t
     quiet(make_recipe(tiny_dirs("llama"), tmp_path / "ref", "gptq-disk", calib_file))
     export = sum(p.stat().st_size for p in (tmp_path / "ref").glob("*.safetensors"))
     real = shutil.disk_usage
-    calls, real_save_state = [], WorkFolder.save_state
+    from llmquant import needs
+
+    calls, real_save_state, real_check = [], WorkFolder.save_state, needs.check
     monkeypatch.setattr(WorkFolder, "save_state", lambda *a: calls.append(a))
-    # the export's files are laid out before any work, and refused when they cannot fit
+    # 3 generations of 4 windows x 32 tokens x 128 float32 values: 197 kB, besides the export; the estimate of the
+    # run's needs refuses first, before the model loads
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=export + 100_000))
+    with pytest.raises(UserError, match=r"this run needs about .* KB of disk in .* \(the export: .* KB\) and .* KB are free"):
+        quiet(make_recipe(tiny_dirs("llama"), tmp_path / "out", "gptq-disk", calib_file))
+    # behind it, the streamed run's exact checks: the export's files are laid out before any work, and refused when
+    # they cannot fit; then the activations beside them
+    monkeypatch.setattr(needs, "check", lambda *a: None)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=export - 1))
     with pytest.raises(UserError, match=r"the export needs .* KB in .* and .* KB are free; free some space there"):
         quiet(make_recipe(tiny_dirs("llama"), tmp_path / "out", "gptq-disk", calib_file))
-    # 3 generations of 4 windows x 32 tokens x 128 float32 values: 197 kB, besides the export
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=export + 100_000))
     with pytest.raises(UserError, match=r"calibration.activations: disk needs about 196.6 KB in .* besides the export's .* KB, "
                                         r"and .* KB are free"):
         quiet(make_recipe(tiny_dirs("llama"), tmp_path / "out", "gptq-disk", calib_file))
     assert not calls and not (tmp_path / "out").exists()
+    monkeypatch.setattr(needs, "check", real_check)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=export + 200_000))
     monkeypatch.setattr(WorkFolder, "save_state", real_save_state)
     assert quiet(make_recipe(tiny_dirs("llama"), tmp_path / "out", "gptq-disk", calib_file)).check.passed
