@@ -43,6 +43,12 @@ def world_size() -> int:
     return dist.get_world_size() if active() else 1
 
 
+# How long a process waits in a collective for the others: a long layer on one process (a big GPTQ solve) must not
+# time the others out. Work that only one process does (evaluation, writing, checking) is never done while the
+# others wait in a collective: it comes after stop().
+TIMEOUT = timedelta(hours=2)
+
+
 def start(device: torch.device) -> torch.device:
     """Join the process group of a launched run; return this process's compute device."""
     import torch.distributed as dist
@@ -54,8 +60,7 @@ def start(device: torch.device) -> torch.device:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        # a long layer on one process (a big GPTQ solve) must not time the others out
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     return device
 
 

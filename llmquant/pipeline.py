@@ -351,7 +351,7 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
     With ``eval:``, the baseline is evaluated streamed from the checkpoint before quantization, and the quantized
     model streamed from the written export once it passed its check: perplexity and divergence one decoder layer
     at a time over all windows (:func:`llmquant.stream.logits_layer_by_layer`)."""
-    from .stream import STATE_FORMAT, LayeredReload, StreamedQuantizer, WorkFolder
+    from .stream import STATE_FORMAT, LayeredReload, StreamedQuantizer, WorkFolder, skeleton
 
     m, out = recipe.model, Path(recipe.output.dir)
     log.print(f"streaming {src.describe()} layer by layer"
@@ -370,14 +370,23 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
     # evaluation is process 0's alone, as writing is
     evaluation = Evaluation(recipe.eval, tokenizer, progress, log.print, eval_text) if recipe.eval and distributed.rank() == 0 else None
     evaluated: dict[str, ModelResult] = {}
-    if evaluation and recipe.eval.baseline:
-        t = time.perf_counter()
-        cache_key = evaluation.cache_key(fingerprint(src, model.config), plan.model_dtype, device)
-        evaluated["baseline"] = _evaluate_streamed(
-            evaluation, model, reader, device, _dtype_name(plan.model_dtype), _baseline_size(model, plan), cache_key, progress,
-            tasks_model=lambda: _whole_for_tasks(src, "baseline", plan.float_bytes, _dtype_name(plan.model_dtype), device, recipe, log.print))
-        timings["eval_baseline"] = time.perf_counter() - t
-        t = time.perf_counter()
+
+    def evaluate_baseline(frame):
+        if evaluation and recipe.eval.baseline:
+            t = time.perf_counter()
+            cache_key = evaluation.cache_key(fingerprint(src, model.config), plan.model_dtype, device)
+            evaluated["baseline"] = _evaluate_streamed(
+                evaluation, frame, reader, device, _dtype_name(plan.model_dtype), _baseline_size(model, plan), cache_key, progress,
+                tasks_model=lambda: _whole_for_tasks(src, "baseline", plan.float_bytes, _dtype_name(plan.model_dtype), device, recipe, log.print))
+            timings["eval_baseline"] = time.perf_counter() - t
+
+    # With several processes, process 0 evaluates the baseline once the others are done: they would otherwise wait
+    # for it in their first collective (for a 70B model with tasks, past the process group's timeout). It reads the
+    # checkpoint into a skeleton of its own, as the model's is quantized layer by layer meanwhile.
+    later = skeleton(model.config, plan.model_dtype, m.trust_remote_code) if evaluation and distributed.active() else None
+    if later is None:
+        evaluate_baseline(model)
+    t = time.perf_counter()
     calibrator = None
     if needs_calibration(plan):
         c = recipe.calibration
@@ -394,7 +403,13 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
     timings["quantize"] = time.perf_counter() - t
     if distributed.rank() != 0:
         return RunResult(recipe, plan, None, timings=timings, streamed=True, resumed_from=streamer.resumed_from)
-    distributed.stop()  # the others are done; writing and checking are process 0's alone
+    distributed.stop()  # the others are done; evaluating, writing and checking are process 0's alone
+    if later is not None:
+        try:
+            evaluate_baseline(later)
+        finally:
+            reader.close()
+        del later
     calibration_report = None
     if calibrator is not None:
         calibrator.report, calibrator.seconds = streamer.report, streamer.seconds

@@ -28,9 +28,12 @@ def _recipe(model_dir, out, calib, method):
             "output": {"dir": str(out)}}
 
 
-def _torchrun(recipe_file, nproc=2):
+def _torchrun(recipe_file, nproc=2, script=None):
+    """``llmquant run`` of ``recipe_file`` over ``nproc`` processes (``script``: a Python file run in its place, with
+    the same arguments)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "llmquant", "run", str(recipe_file), "--quiet"]
+           "--master-port", str(_free_port()), *([str(script)] if script else ["-m", "llmquant"]), "run", str(recipe_file),
+           "--quiet"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     return subprocess.run(cmd, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600)
 
@@ -87,3 +90,50 @@ def test_a_run_over_several_processes_into_an_output_another_run_writes_is_refus
     assert proc.returncode != 0
     assert f"is being written by another llmquant run (process {os.getpid()})" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "two.yaml"]  # nothing started, the lock given back
+
+
+SLOW_BASELINE = """
+import sys, time
+from datetime import timedelta
+
+from llmquant import cli, distributed
+from llmquant.evaluate import Evaluation
+
+distributed.TIMEOUT = timedelta(seconds=4)  # the processes' patience, cut from hours to seconds
+real = Evaluation.run
+
+
+def slow(self, *args, reference=False, **kw):
+    if reference:
+        time.sleep(10)  # a baseline evaluation that takes longer than the others will wait in a collective
+    return real(self, *args, reference=reference, **kw)
+
+
+Evaluation.run = slow
+raise SystemExit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_the_baseline_is_evaluated_after_the_others_are_done(tiny_dirs, tmp_path):
+    """Process 0 alone evaluates; with the baseline evaluated first, the other process waited for it in its first
+    collective and timed out there."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT * 3)
+    r = _recipe(tiny_dirs("llama"), tmp_path / "out", calib, "gptq")
+    r["eval"] = {"text": {"source": str(calib)}, "seqlen": 32, "max_tokens": 256}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(r))
+    (tmp_path / "slow.py").write_text(SLOW_BASELINE)
+    proc = _torchrun(tmp_path / "two.yaml", script=tmp_path / "slow.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert two["timings_seconds"]["eval_baseline"] >= 10
+    # the baseline read into a skeleton of its own after the quantization is the one a single process measures first
+    r["output"]["dir"] = str(tmp_path / "one")
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(r))
+    single = subprocess.run([sys.executable, "-m", "llmquant", "run", str(tmp_path / "one.yaml"), "--quiet"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    for model in ("baseline", "quantized"):
+        assert two["models"][model]["perplexity"] == pytest.approx(one["models"][model]["perplexity"], rel=1e-6)
+    assert two["models"]["quantized"]["kl_divergence"] == pytest.approx(one["models"]["quantized"]["kl_divergence"], rel=1e-4)
