@@ -1,8 +1,21 @@
-"""Giving freed memory back to the system between layers."""
+"""Memory: what is free on a device, and giving freed memory back to the system between layers."""
 
 from __future__ import annotations
 
 import functools
+
+import torch
+
+
+def free_bytes(device: torch.device, all_gpus: bool = False) -> int:
+    """Bytes free on ``device``: a GPU's free memory (with ``all_gpus``: summed over every visible GPU), or the
+    host's available memory."""
+    if device.type == "cuda":
+        gpus = range(torch.cuda.device_count()) if all_gpus else [device]
+        return sum(torch.cuda.mem_get_info(g)[0] for g in gpus)
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 @functools.cache
@@ -15,13 +28,27 @@ def _libc():
         return None
 
 
-def give_memory_back() -> None:
+def give_memory_back(device: torch.device | None = None) -> None:
     """Return freed heap memory to the system. glibc raises its mmap threshold each time a large block is
     freed, so the next layer's temporaries come from the heap and, once freed, stay counted in the process's
-    memory (measured: +400 MB per layer of a 1B model) unless trimmed."""
+    memory (measured: +400 MB per layer of a 1B model) unless trimmed. With a CUDA ``device`` (between decoder
+    layers), also the blocks PyTorch's caching allocator keeps for reuse, so that one layer's sizes do not fragment
+    the next's and the GPU's free memory reads true (what the memory checks read)."""
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peaks(device: torch.device) -> dict:
+    """The process's peak memory so far: host (resident set) and, on a CUDA device, GPU memory allocated."""
+    import resource
+
+    out = {"host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # (Linux counts KB)
+    if torch.device(device).type == "cuda":
+        out["gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
 
 
 M_MMAP_THRESHOLD = -3  # mallopt: allocations of at least this many bytes get their own mapping

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import memory
 from .errors import UserError
 from .report import human_bytes
 
@@ -92,15 +93,8 @@ def estimate(recipe, plan, frame: nn.Module, dtype: torch.dtype, streamed: bool,
     return n
 
 
-def free_host_memory() -> int:
-    import psutil
-
-    return psutil.virtual_memory().available
-
-
-def check(needs: Needs, out: Path, device: torch.device, free_memory) -> None:
-    """Refuse, in one line, a run whose needs exceed the free host memory, GPU memory or disk; ``free_memory(device)``
-    gives the free bytes of a device."""
+def check(needs: Needs, out: Path, device: torch.device) -> None:
+    """Refuse, in one line, a run whose needs exceed the free host memory, GPU memory or disk."""
     def refuse(where: str, items: dict, free: int) -> None:
         total = sum(items.values())
         biggest = max(items, key=items.get)
@@ -113,11 +107,11 @@ def check(needs: Needs, out: Path, device: torch.device, free_memory) -> None:
                         f"and {human_bytes(free)} are free: {hint}")
 
     if needs.host:
-        free = free_host_memory()
+        free = memory.free_bytes(torch.device("cpu"))
         if sum(needs.host.values()) > free:
             refuse("host memory", needs.host, free)
     if needs.device and device.type == "cuda":
-        free = free_memory(device)
+        free = memory.free_bytes(device)
         if sum(needs.device.values()) > free:
             refuse(f"memory on {device}", needs.device, free)
     if needs.disk:

@@ -30,6 +30,7 @@ from .errors import ExportCheckError
 from .export import (MARKER_FILE, ExportCheck, atomic_output, check_output_dir, keep_in_fp32_modules, keep_unchecked, logits_on,
                      model_device, output_lock, probe_ids, probe_summary, safetensors_bytes, verify_export, verify_streamed_export,
                      export_files, write_checkpoint, write_streamed_checkpoint)
+from . import memory
 from .memory import give_memory_back, import_bitsandbytes, steady_heap
 from .models import (TOKENIZER_FILES, fingerprint, has_tokenizer, load_config, load_model, load_tokenizer, pick_device, resolve_dtype,
                      resolve_source)
@@ -56,6 +57,7 @@ class RunResult:
     streamed: bool = False  # quantized layer by layer from the checkpoint files, never whole in memory
     resumed_from: int = 0  # decoder layer a streamed run resumed at
     auto: dict | None = None  # the format search of quantization.auto (llmquant.auto)
+    peak_memory: dict = field(default_factory=dict)  # memory.peaks: host, and GPU on a CUDA run
 
 
 def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, progress: bool = True) -> RunResult:
@@ -146,7 +148,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
                           + " nats/token; the rules it chose:")
             console.print(yaml_rules(recipe), markup=False, highlight=False)
         return RunResult(recipe, plan, timings=timings, auto=auto_report)
-    needs_mod.check(needs, out, pick_device(recipe.device), _free_memory)  # before any weight is loaded
+    needs_mod.check(needs, out, pick_device(recipe.device))  # before any weight is loaded
     if distributed.active() and (reader is None or not needs_calibration(plan)):
         raise UserError("a run over several processes shares out calibration windows of a streamed model: "
                         + ("this recipe calibrates nothing" if reader is not None else "this one loads the whole model (see above)")
@@ -222,7 +224,7 @@ def _check_fits_for_auto(nbytes: int, dtype: torch.dtype, device_name: str) -> N
     float model loaded: refuse before loading one whose weights alone exceed the free memory where it would go."""
     device = pick_device(device_name)
     spread = device.type == "cuda" and device_name == "auto" and torch.cuda.device_count() > 1  # over all GPUs
-    free, where = _free_memory(device, spread), "the GPUs" if spread else str(device)
+    free, where = memory.free_bytes(device, spread), "the GPUs" if spread else str(device)
     if nbytes > free:
         raise UserError(f"quantization.auto loads the float model whole to measure each layer's sensitivity "
                         f"({human_bytes(nbytes)} in {_dtype_name(dtype)}), more than the {human_bytes(free)} free on {where}: "
@@ -288,6 +290,7 @@ def _export(result: RunResult, src, t_write: float, t_start: float, log, write, 
         timings["check"] = result.check.seconds
         evaluate_export(tmp)  # the checked export itself (a streamed run never has the quantized model whole)
         timings["total"] = time.perf_counter() - t_start
+        result.peak_memory = memory.peaks(pick_device(recipe.device))
         results()
         write_records(tmp, result, src.describe())
     for stale in out.absolute().parent.glob(f".{out.name}.llmquant-partial-*"):  # stopped runs of any recipe: superseded
@@ -351,7 +354,7 @@ def _run_streamed(recipe: Recipe, src, model, plan, reader, calib_text, eval_tex
     With ``eval:``, the baseline is evaluated streamed from the checkpoint before quantization, and the quantized
     model streamed from the written export once it passed its check: perplexity and divergence one decoder layer
     at a time over all windows (:func:`llmquant.stream.logits_layer_by_layer`)."""
-    from .stream import STATE_FORMAT, LayeredReload, StreamedQuantizer, WorkFolder, skeleton
+    from .stream import STATE_FORMAT, LayeredReload, StreamedQuantizer, WorkFolder
 
     m, out = recipe.model, Path(recipe.output.dir)
     log.print(f"streaming {src.describe()} layer by layer"
@@ -515,14 +518,14 @@ def _whole_for_tasks(src, label: str, nbytes: int, dtype: str, device: torch.dev
     it may use on ``device`` (``eval.tasks_max_memory``, or 80% of what is free there) gets the rest offloaded by
     accelerate (``device_map="auto"``: to CPU memory, then disk), with a note of the slowdown. A quantized model
     is loaded whole onto the device (its bitsandbytes layers are not offloaded)."""
-    budget = parse_size(recipe.eval.tasks_max_memory) if recipe.eval.tasks_max_memory else int(0.8 * _free_memory(device))
+    budget = parse_size(recipe.eval.tasks_max_memory) if recipe.eval.tasks_max_memory else int(0.8 * memory.free_bytes(device))
     offload, kw = None, {}
     if not quantized and nbytes > budget:
         out = Path(recipe.output.dir).absolute()
         out.parent.mkdir(parents=True, exist_ok=True)
         offload = Path(tempfile.mkdtemp(prefix=f".{out.name}.llmquant-offload-", dir=out.parent))
         cuda = device.type == "cuda"
-        kw = {"max_memory": {device.index or 0: budget, "cpu": int(0.8 * _free_memory(torch.device("cpu")))} if cuda
+        kw = {"max_memory": {device.index or 0: budget, "cpu": int(0.8 * memory.free_bytes(torch.device("cpu")))} if cuda
               else {"cpu": budget}, "offload_folder": offload}
         log(f"lm-eval tasks: the {label} ({human_bytes(nbytes)}) does not fit in the {human_bytes(budget)} it may use on "
             f"{device}; accelerate keeps the rest {'in CPU memory, then ' if cuda else ''}on disk and reads it again at "
@@ -546,16 +549,6 @@ def _needs(recipe: Recipe, plan, frame, dtype: torch.dtype, streamed: bool):
     calibrated = recipe.calibration is not None and needs_calibration(plan)
     tracks = calibrated and tracks_float_model(recipe.calibration, plan.entries)
     return needs_mod.estimate(recipe, plan, frame, dtype, streamed, pick_device(recipe.device), calibrated, tracks)
-
-
-def _free_memory(device: torch.device, all_gpus: bool = False) -> int:
-    """Bytes free on ``device`` (with ``all_gpus``: summed over every visible GPU)."""
-    if device.type == "cuda":
-        gpus = range(torch.cuda.device_count()) if all_gpus else [device]
-        return sum(torch.cuda.mem_get_info(g)[0] for g in gpus)
-    import psutil
-
-    return psutil.virtual_memory().available
 
 
 def _push(recipe: Recipe, out: Path, console, log) -> None:
@@ -685,6 +678,7 @@ def run_metadata(r: RunResult, source: str) -> dict:
         "calibration": r.calibration,
         "auto": r.auto,
         "timings_seconds": {k: round(v, 2) for k, v in r.timings.items()},
+        "peak_memory_bytes": r.peak_memory,
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
@@ -704,6 +698,9 @@ def print_summary(r: RunResult, console: Console) -> None:
         console.print(results_mod.rich_table(r.results))
         console.print(f"results: {r.output}/results.json, results.md, results.png")
     console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.timings.items()))
+    if r.peak_memory:
+        console.print("peak memory: " + ", ".join(f"{'host' if k == 'host_bytes' else 'GPU'} {human_bytes(v)}"
+                                                  for k, v in r.peak_memory.items()))
 
 
 # ---- `llmquant eval`: any checkpoints, the same protocol -------------------------------------

@@ -556,7 +556,7 @@ class StreamedQuantizer:
             layers[i] = blank
             unlink(layer)
             del layer
-            give_memory_back()
+            give_memory_back(self.device)
             self.work.save_state(i, state)
             if distributed.rank() == 0:
                 self.work.save(f"layer-{i:05d}", tensors, record)  # the layer counts as done once its state is safe
@@ -703,7 +703,7 @@ def source_layer(model: nn.Module, stack: str, i: int, reader: CheckpointReader,
     finally:
         layers[i] = blank
         del layer
-        give_memory_back()
+        give_memory_back(device)
 
 
 def _release(model: nn.Module, name: str) -> None:
@@ -836,7 +836,7 @@ class LayeredReload:
                 if getattr(getattr(m, "state", None), "CB", None) is not None:
                     m.state.CB = m.state.SCB = None  # Linear8bitLt's forward: the int8 weight and its scales
             del layer
-            give_memory_back()
+            give_memory_back(self.device)
 
     def logits(self, batches: list[torch.Tensor], compare=None, desc: str | None = None):
         """The reloaded model's logits on each batch of token ids, computed one reloaded layer at a time (all

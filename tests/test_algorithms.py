@@ -72,6 +72,42 @@ def test_gptq_solved_a_chunk_of_rows_at_a_time_equals_all_rows_at_once(scheme, a
     assert (whole[0].codes[:, 7] == whole[0].codes[0, 7]).all()  # the dead input's weights were zeroed
 
 
+def test_gptq_on_a_gpu_solves_all_rows_at_once_when_they_fit(monkeypatch):
+    """The column loop runs once per chunk of rows: on a GPU, where each column costs kernel launches whatever the
+    rows, one chunk when 4 float32 copies of the rows fit in half the free memory; on CPU, chunks of 64 MB."""
+    from types import SimpleNamespace
+
+    from llmquant import memory
+
+    def weights(device, *outs):
+        return [SimpleNamespace(shape=(o, 4096), device=torch.device(device)) for o in outs]
+
+    need = gptq_module.SOLVE_COPIES * 4 * 14336 * 4096  # the widest layer's rows, 4 float32 copies: 0.9 GB
+    monkeypatch.setattr(memory, "free_bytes", lambda device, all_gpus=False: 2 * need)
+    assert gptq_module.row_chunk(weights("cuda", 4096, 14336), 4096) == 14336
+    monkeypatch.setattr(memory, "free_bytes", lambda device, all_gpus=False: 2 * need - 1)
+    assert gptq_module.row_chunk(weights("cuda", 4096, 14336), 4096) == gptq_module.GPTQ_CHUNK_WEIGHTS // 4096 == 4096
+    monkeypatch.setattr(memory, "free_bytes", lambda device, all_gpus=False: 1 << 50)
+    assert gptq_module.row_chunk(weights("cpu", 4096, 14336), 4096) == 4096
+
+
+@pytest.mark.parametrize("scheme", SCHEMES[:2], ids=lambda s: s.label())
+def test_gptq_reads_nothing_back_from_the_device_per_column(scheme, monkeypatch):
+    """A read of a device value (``int(t)``, ``t.item()``, ``t.tolist()``) waits for the GPU to finish: the column
+    loop reads none (the column order is read once), and the codebook is sorted once per layer, not per column."""
+    w, h, _ = layer(out=64)
+    n = w.shape[1]
+    reads, sorts = [], []
+    for name in ("__int__", "__index__", "item", "tolist", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k: reads.append(_name) or _real(self, *a, **k))
+    real_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *a, **k: sorts.append(1) or real_sort(*a, **k))
+    gptq_layers([w], h, scheme, torch.float32, act_order=True)
+    assert len(reads) < n / 4, sorted(set(reads))  # a few per factoring block and per layer, not per column
+    assert len(sorts) <= 4
+
+
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
 @pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
 def test_gptq_output_error_is_the_error_of_its_weights(scheme, act_order, monkeypatch):

@@ -294,7 +294,10 @@ def test_auto_streams_a_model_larger_than_free_memory_and_refuses_one_it_cannot_
     def no_load(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(pipeline, "_free_memory", lambda device, all_gpus=False: 10_000)
+    from llmquant import memory, needs
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device, all_gpus=False: 10_000)
+    monkeypatch.setattr(needs, "check", lambda *a: None)  # (what a run needs, checked against free memory: test_needs)
     monkeypatch.setattr(pipeline, "load_model", no_load)
     res = quiet(auto_recipe(tiny_dirs("llama"), tmp_path / "streamed", text, {"bits_per_weight": 4.5}))
     assert res.check.passed and res.plan.linear_bits_per_weight() <= 4.5 and res.auto["target"] == "bits_per_weight 4.5"

@@ -43,6 +43,14 @@ def test_streamed_methods_on_cuda_export_checked_checkpoints(tiny_dirs, tmp_path
     assert res.check.tensors_checked > 0 and res.check.max_abs_logit_diff <= res.check.tolerance
 
 
+def test_a_streamed_run_on_cuda_records_its_gpu_peak_and_leaves_no_cache(tiny_dirs, tmp_path, calib):
+    torch.cuda.reset_peak_memory_stats()
+    res = _quiet(_recipe(tiny_dirs("llama"), tmp_path / "out", {"default": "nf4", "method": "gptq"}, calib))
+    peak = json.loads((tmp_path / "out" / "llmquant.json").read_text())["peak_memory_bytes"]
+    assert 0 < peak["gpu_bytes"] == res.peak_memory["gpu_bytes"] < 2**30 and peak["host_bytes"] > 0
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 64 << 20  # the cache emptied between layers
+
+
 def test_gptq_on_cuda_chooses_what_it_chooses_on_cpu(tiny_dirs, tmp_path, calib):
     """The same weights within float rounding: the codes of most blocks agree."""
     from safetensors.torch import load_file

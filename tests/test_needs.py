@@ -7,10 +7,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, Qwen2Config
 
-from llmquant import needs, pipeline
+from llmquant import memory, needs, pipeline
 from llmquant.cli import main
 from llmquant.plan import build_plan
 from llmquant.recipe import Recipe
+from llmquant.report import human_bytes
 from llmquant.stream import skeleton
 
 # (config class, hidden, intermediate, layers, attention heads, key/value heads, vocabulary, q/k/v biases)
@@ -83,7 +84,7 @@ def test_oversized_recipes_are_refused_in_one_line_before_any_weight_loads(tiny_
         d[k] = {**d[k], **v}
     (tmp_path / "t.txt").write_text("Some calibration text. " * 400)
     (tmp_path / "r.yaml").write_text(json.dumps(d))
-    monkeypatch.setattr(needs, "free_host_memory", lambda: 2 * 2**30)  # 2 GB free
+    monkeypatch.setattr(memory, "free_bytes", lambda device, all_gpus=False: 2 * 2**30)  # 2 GB free
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=50 * 2**20))  # 50 MB free
 
@@ -102,14 +103,38 @@ def test_oversized_recipes_are_refused_in_one_line_before_any_weight_loads(tiny_
     assert "what the run needs" in capsys.readouterr().out
 
 
-def test_a_recipe_that_fits_runs(tiny_dirs, tmp_path, monkeypatch):
+def test_a_recipe_that_fits_runs_and_records_its_peak_memory(tiny_dirs, tmp_path, monkeypatch, capsys):
+    import psutil
+
+    from llmquant import stream
+
     d = {"model": {"source": str(tiny_dirs("llama"))}, "device": "cpu", "output": {"dir": str(tmp_path / "out")},
          "quantization": {"default": "nf4", "method": "gptq"},
          "calibration": {"text": {"source": str(tmp_path / "t.txt")}, "nsamples": 4, "seqlen": 32}}
     (tmp_path / "t.txt").write_text("Some calibration text. " * 400)
     (tmp_path / "r.yaml").write_text(json.dumps(d))
-    monkeypatch.setattr(needs, "free_host_memory", lambda: 2 * 2**30)
-    assert main(["run", str(tmp_path / "r.yaml"), "--quiet"]) == 0
+    monkeypatch.setattr(memory, "free_bytes", lambda device, all_gpus=False: 2 * 2**30)
+    given = []
+    monkeypatch.setattr(stream, "give_memory_back", lambda device=None: given.append(device))
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "r.yaml")]) == 0
+    peak = json.loads((tmp_path / "out" / "llmquant.json").read_text())["peak_memory_bytes"]
+    assert set(peak) == {"host_bytes"} and peak["host_bytes"] >= psutil.Process().memory_info().rss  # bytes, not KB
+    assert f"peak memory: host {human_bytes(peak['host_bytes'])}" in capsys.readouterr().out
+    # between decoder layers the streamed run gives its device's memory back (on a GPU: the allocator's cache too)
+    assert given.count(torch.device("cpu")) >= 2
+
+
+def test_memory_on_a_gpu_is_given_back_and_its_peak_read(monkeypatch):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 12345)
+    memory.give_memory_back()
+    memory.give_memory_back(torch.device("cpu"))
+    assert not emptied
+    memory.give_memory_back(torch.device("cuda", 0))
+    assert emptied == [1]
+    assert memory.peaks(torch.device("cuda", 0))["gpu_bytes"] == 12345 and "gpu_bytes" not in memory.peaks(torch.device("cpu"))
 
 
 def test_dtype_auto_keeps_the_checkpoints_dtype_and_a_gguf_file_computes_in_bfloat16_on_a_gpu(monkeypatch):

@@ -18,19 +18,34 @@ from __future__ import annotations
 
 import torch
 
+from .. import memory
 from ..memory import give_memory_back
 from ..quantized import FourBitWeight, Int8Weight, KeptWeight, NestedScales, QuantizedWeight, codebook
 from ..schemes import FourBit, Keep
 from . import Algorithm, register
-from .grid import SEARCH_CHUNK_WEIGHTS, nearest_code, quadratic_error, search_block_scales, search_row_scales
+from .grid import (SEARCH_CHUNK_WEIGHTS, SortedCodebook, nearest_code, quadratic_error, search_block_scales, search_row_scales,
+                   sorted_codebook)
 from .scale_search import LayerStats, stored_scales
 
 
-# Rows are solved a chunk at a time: GPTQ treats rows independently given the Hessian, so the weight-sized
+# Rows are solved a chunk at a time on CPU: GPTQ treats rows independently given the Hessian, so the weight-sized
 # temporaries (the float copy being compensated and the permuted weight it is made from) are those of a chunk of
 # about this many weights (64 MB in float32), whatever the layer's size. A multiple of the scale
-# search's chunk, so that its row chunks are the ones it would take over the whole weight.
+# search's chunk, so that its row chunks are the ones it would take over the whole weight. On a GPU, where the
+# column loop's cost is its kernel launches (per column, whatever the rows), all rows at once when they fit.
 GPTQ_CHUNK_WEIGHTS = 16 * SEARCH_CHUNK_WEIGHTS
+# The temporaries of solving rows at once, in float32 copies of those rows (compensated, permuted, rounded, error)
+SOLVE_COPIES = 4
+
+
+def row_chunk(weights: list[torch.Tensor], n: int) -> int:
+    """How many rows of each layer to solve at a time: on a GPU with room for all of them (:data:`SOLVE_COPIES`
+    float32 copies of the widest layer in half its free memory), all; else chunks of :data:`GPTQ_CHUNK_WEIGHTS`."""
+    most = max(w.shape[0] for w in weights)
+    device = weights[0].device
+    if device.type == "cuda" and SOLVE_COPIES * 4 * most * n <= memory.free_bytes(device) // 2:
+        return most
+    return max(1, GPTQ_CHUNK_WEIGHTS // n)
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, scheme, dtype: torch.dtype, damp: float = 0.01, act_order: bool = True,
@@ -68,8 +83,8 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
     fourbit = isinstance(scheme, FourBit)
     g = scheme.group_size if fourbit else n
     static = act_order or (fourbit and scheme.double_quant) or not fourbit or scales is not None
-    rows = max(1, GPTQ_CHUNK_WEIGHTS // n)
-    cb = codebook(scheme.format, h.device) if fourbit else None
+    rows = row_chunk(weights, n)
+    cb = sorted_codebook(codebook(scheme.format, h.device)) if fourbit else None  # once, for every column
 
     # each layer's scales as bitsandbytes will dequantize with ([out, in / group]; int8: [out, 1])
     chosen = []
@@ -91,6 +106,7 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
     # process's memory until trimmed) go back before the n x n matrices of the factoring are made.
     give_memory_back()
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n, device=h.device)
+    order = perm.tolist()  # the column loop's indices on the host, read once (not a device sync per column)
     mine = static and (owned or h is not given)  # nobody reads h again: permuted and factored in its own memory
     if not act_order:
         hp = h if mine else h.clone()
@@ -113,7 +129,7 @@ def gptq_layers(weights: list[torch.Tensor], h: torch.Tensor, scheme, dtype: tor
         squared = torch.zeros((), dtype=torch.float64, device=w.device)  # ‖W - Q‖²
         for r in range(0, w.shape[0], rows):
             _solve_rows(_rows(w, r, rows, dead, perm), sc[r : r + rows], codes[r : r + rows],
-                        None if rounded is None else rounded[r : r + rows], hinv, perm, h, cb, g, static, grid, min_ratio,
+                        None if rounded is None else rounded[r : r + rows], hinv, order, h, cb, g, static, grid, min_ratio,
                         compensated)
             squared += _squared_error(w, codes, sc, r, min(r + rows, w.shape[0]), dead, scheme, g, dtype)
         q = _stored(codes, sc, scheme, g, dtype, nested)
@@ -253,9 +269,9 @@ def _squared_error(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, s
 
 
 def _solve_rows(w: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor, rounded: torch.Tensor | None,
-                hinv: torch.Tensor, perm: torch.Tensor, h: torch.Tensor | None, cb: torch.Tensor | None, g: int,
+                hinv: torch.Tensor, order: list[int], h: torch.Tensor | None, cb: SortedCodebook | None, g: int,
                 static: bool, grid: int, min_ratio: float, compensated: torch.Tensor) -> None:
-    """GPTQ of rows ``w`` (float32, columns in the order ``perm``) with the upper Cholesky factor ``hinv`` of the
+    """GPTQ of rows ``w`` (float32, columns in the order ``order``) with the upper Cholesky factor ``hinv`` of the
     permuted inverse Hessian; writes ``codes`` (and ``rounded``) in the original column order, and ``scales``
     (views of the layer's) as dynamic block scales are fixed; adds the squared scaled rounding errors to
     ``compensated``."""
@@ -266,14 +282,14 @@ def _solve_rows(w: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor, roun
         i2 = min(i1 + block, n)
         w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = order[i1 + i]
             if fourbit and not static and col % g == 0:  # entering a block: fix its scale now
                 scales[:, col // g] = _block_scale(w1[:, i : i + g], h[col : col + g, col : col + g], cb, grid, min_ratio)
             s = scales[:, col // g]
             x = w1[:, i]
             if fourbit:
                 c = nearest_code(x / torch.where(s > 0, s, torch.ones_like(s)), cb)
-                q = cb[c] * s
+                q = cb.values[c] * s
             else:
                 c = torch.clamp(torch.round(x * (127.0 / torch.where(s > 0, s, torch.ones_like(s)))), -127, 127)
                 q = c * s * (1 / 127)
@@ -287,13 +303,13 @@ def _solve_rows(w: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor, roun
         w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)  # in place: no weight-sized product
 
 
-def _block_scale(blk: torch.Tensor, hb: torch.Tensor, cb: torch.Tensor, grid: int, min_ratio: float) -> torch.Tensor:
+def _block_scale(blk: torch.Tensor, hb: torch.Tensor, cb: SortedCodebook, grid: int, min_ratio: float) -> torch.Tensor:
     absmax = blk.abs().amax(-1)
     best, best_err = absmax.clone(), torch.full_like(absmax, float("inf"))
     for r in torch.linspace(1.0, min_ratio, grid, device=blk.device):
         s = absmax * r
         c = nearest_code(blk / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1), cb)
-        err = quadratic_error(blk - cb[c] * s.unsqueeze(1), hb)
+        err = quadratic_error(blk - cb.values[c] * s.unsqueeze(1), hb)
         better = err < best_err
         best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
     return best

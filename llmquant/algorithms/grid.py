@@ -11,25 +11,43 @@ The objective for a weight error ``E = W - Ŵ`` on inputs ``X`` is the output er
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..quantized import INT8_INV_127, codebook
 
 
-def nearest_code(x: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
-    """Index of the codebook value nearest to each element of ``x`` (any shape)."""
+class SortedCodebook(NamedTuple):
+    """A codebook made ready for rounding (once, where a loop rounds many times): the midpoints between its sorted
+    values, and the code of each sorted value."""
+
+    values: torch.Tensor  # by code, as the codebook
+    mids: torch.Tensor
+    order: torch.Tensor
+
+
+def sorted_codebook(cb: torch.Tensor | SortedCodebook) -> SortedCodebook:
+    if isinstance(cb, SortedCodebook):
+        return cb
     values, order = torch.sort(cb)
-    mids = (values[1:] + values[:-1]) / 2
     # 32-bit indices: a weight-sized tensor of them is half the memory of int64 ones
-    return order.to(torch.int32)[torch.bucketize(x.contiguous(), mids, out_int32=True)]
+    return SortedCodebook(cb, (values[1:] + values[:-1]) / 2, order.to(torch.int32))
 
 
-def round_4bit(w: torch.Tensor, scales: torch.Tensor, cb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_code(x: torch.Tensor, cb: torch.Tensor | SortedCodebook) -> torch.Tensor:
+    """Index of the codebook value nearest to each element of ``x`` (any shape)."""
+    grid = sorted_codebook(cb)
+    return grid.order[torch.bucketize(x.contiguous(), grid.mids, out_int32=True)]
+
+
+def round_4bit(w: torch.Tensor, scales: torch.Tensor, cb: torch.Tensor | SortedCodebook) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and dequantized values of ``w`` ([..., g]) with one scale per row of the last dim (``scales`` [...])."""
     s = scales.unsqueeze(-1)
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    codes = nearest_code(w / safe, cb)
-    return codes, cb[codes] * s
+    grid = sorted_codebook(cb)
+    codes = nearest_code(w / safe, grid)
+    return codes, grid.values[codes] * s
 
 
 def round_int8(w: torch.Tensor, scb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +88,7 @@ def search_block_scales(w: torch.Tensor, h: torch.Tensor | None, group: int, qua
     rows = max(1, SEARCH_CHUNK_WEIGHTS // in_f)
     if out_f > rows:  # rows are independent: a few at a time, each search's temporaries a fraction of the weight's
         return torch.cat([search_block_scales(part, h, group, quant_type, grid, min_ratio) for part in w.split(rows)])
-    cb = codebook(quant_type, w.device)
+    cb = sorted_codebook(codebook(quant_type, w.device))  # once: every candidate ratio rounds with it
     blocks = w.float().reshape(out_f, in_f // group, group)
     absmax = blocks.abs().amax(-1)
     hb = diagonal_blocks(h.float(), group) if h is not None else None  # [nb, g, g]
