@@ -85,6 +85,27 @@ def test_int8_and_nf4_reload_and_check_on_cuda(tiny_dirs, tmp_path, fmt):
     assert 0 < ((q - ref).norm() / ref.norm()).item() < 0.5
 
 
+def test_int8_layers_reloaded_one_at_a_time_on_cuda_have_their_row_statistics(tiny_dirs, tmp_path):
+    """The layer-by-layer reload (the streamed check and evaluation) on the GPU: each INT8 weight is its own CB with
+    the file's SCB, as from_pretrained loads it there, and computes what it computes there."""
+    import bitsandbytes as bnb
+
+    from llmquant.export import load_export
+    from llmquant.stream import LayeredReload
+
+    _quiet(_recipe(tiny_dirs("llama"), tmp_path / "out", {"default": "int8"}))
+    whole = load_export(tmp_path / "out", "cuda")
+    reload = LayeredReload(tmp_path / "out", torch.float32, "cuda")
+    with reload.layer(1) as layer:
+        q, ref = layer.self_attn.q_proj, whole.model.layers[1].self_attn.q_proj
+        assert isinstance(q, bnb.nn.Linear8bitLt) and q.weight.device.type == "cuda"
+        assert q.weight.CB is not None and q.weight.CB.data_ptr() == q.weight.data_ptr()
+        assert torch.equal(q.weight.SCB, ref.weight.SCB)
+        x = torch.randn(1, 5, whole.config.hidden_size, device="cuda")
+        assert torch.allclose(q(x), ref(x))
+    reload.close()
+
+
 def test_a_device_map_spread_model_evaluates_as_it_does_whole(tiny_dirs, tmp_path):
     from llmquant.evaluate.perplexity import evaluate, make_windows
     from llmquant.models import load_model, resolve_source

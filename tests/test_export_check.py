@@ -179,6 +179,40 @@ def test_the_layer_by_layer_check_catches_them_too(tiny_dirs, tmp_path, name):
         verify_streamed_export(folder, plan, ids, ref, "cpu")
 
 
+def test_a_layer_reloaded_on_its_own_has_the_statistics_transformers_gives_it(tiny_dirs, tmp_path):
+    """INT8 and NF4 layers filled one at a time get what from_pretrained gives them: an int8 weight that is its own
+    CB with the file's row scales (SCB), a 4-bit weight with the file's quant_state. (bitsandbytes takes an int8 weight
+    the same way on any device: Int8Params of int8 data moves it and its SCB, without quantizing it again; the `cuda`
+    tests check it on a GPU.)"""
+    import bitsandbytes as bnb
+
+    from llmquant.export import load_export
+    from llmquant.stream import LayeredReload
+
+    folder, *_ = _written(tiny_dirs, tmp_path, PLAIN)
+    whole = load_export(folder, "cpu")
+    reload = LayeredReload(folder, torch.float32, "cpu")
+    with reload.layer(1) as layer:
+        seen = 0
+        for name, m in layer.named_modules():
+            ref = whole.model.layers[1].get_submodule(name)
+            if isinstance(m, bnb.nn.Linear8bitLt):
+                assert m.weight.dtype == torch.int8 and m.weight.CB is not None and m.weight.CB.data_ptr() == m.weight.data_ptr()
+                assert torch.equal(m.weight.SCB, ref.weight.SCB) and torch.equal(m.weight.data, ref.weight.data)
+                assert not m.weight.has_fp16_weights and not ref.weight.has_fp16_weights
+                seen += 1
+            elif isinstance(m, bnb.nn.Linear4bit):
+                a, b = m.weight.quant_state, ref.weight.quant_state
+                assert torch.equal(m.weight.data, ref.weight.data) and torch.equal(a.absmax, b.absmax)
+                assert (a.blocksize, a.quant_type, a.shape) == (b.blocksize, b.quant_type, b.shape)
+                seen += 1
+        assert seen == 7
+        x = torch.randn(1, 5, whole.config.hidden_size)
+        q = layer.self_attn.q_proj
+        assert torch.allclose(q(x), whole.model.layers[1].self_attn.q_proj(x), atol=1e-6)
+    reload.close()
+
+
 def test_the_layer_by_layer_check_needs_every_tensor(tiny_dirs, tmp_path):
     folder, model, plan, chosen = _written(tiny_dirs, tmp_path, PLAIN)
     ids = probe_ids(None, 512)
