@@ -13,9 +13,9 @@ The export's files are laid out from the plan before anything is quantized (ever
 tensor's dtype and shape is planned exactly: :class:`ShardFiles`), in the same order
 and shards as the in-memory export, so both are the same bytes; each tensor is written
 at its place once, as soon as it is made. They live in a work folder beside the output
-(``.OUT.llmquant-partial-KEY``) with a record of each finished layer, which makes runs
-resumable: a run stopped during layer 57 of 80 restarts from layer 57 with the same
-result. Once every layer is written the files are linked into the export.
+(``.OUT.llmquant-partial-KEY``) with a record of each finished layer and the state after the last layer saved
+(see :data:`STATE_TIME_SHARE`), which makes runs resumable: a run stopped during layer 57 of 80 restarts after the
+last layer whose state was saved (57 where states are small) with the same result. Once every layer is written the files are linked into the export.
 """
 
 from __future__ import annotations
@@ -441,8 +441,11 @@ class WorkFolder:
         torch.save(state, tmp)
         os.replace(tmp, self._state(layer))
 
-    def has_state(self, layer: int) -> bool:
-        return self._state(layer).is_file()
+    def saved_states(self) -> list[int]:
+        """The layers whose state after them is saved (this process's)."""
+        who = self._who()
+        return sorted(int(p.name[len("state-after-"):len("state-after-") + 5])
+                      for p in self.path.glob(f"state-after-?????{who}.pt"))
 
     def load_state(self, layer: int) -> dict:
         return torch.load(self._state(layer), weights_only=False)
@@ -462,6 +465,46 @@ class WorkFolder:
 
 
 # ---- the streamed run --------------------------------------------------------------------------------
+
+# What a stopped run resumes from: the state after a layer (the calibration activations and the probe's hidden
+# state). A small one (activations on disk are only pointed to) is saved after every layer; a large one (a 70B
+# model's activations in memory: GBs) only while the time spent saving states stays within a tenth of the run's,
+# so every few layers, and a resumed run makes the layers after the last one saved again.
+STATE_ALWAYS_BYTES = 256 << 20
+STATE_TIME_SHARE = 0.10
+
+
+class StateWrites:
+    """When to save the state after a layer (see :data:`STATE_TIME_SHARE`)."""
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock, self.start, self.spent, self.last = clock, clock(), 0.0, 0.0
+
+    def due(self, nbytes: int) -> bool:
+        """Whether to save a state of ``nbytes`` now: small ones always, else when one more save (costing what the last
+        did) keeps the saves within their share of the time so far (the first is always saved)."""
+        return nbytes <= STATE_ALWAYS_BYTES or self.spent + self.last <= STATE_TIME_SHARE * (self.clock() - self.start)
+
+    @contextmanager
+    def timed(self):
+        t = self.clock()
+        yield
+        self.last = self.clock() - t
+        self.spent += self.last
+
+
+def _state_bytes(state: dict) -> int:
+    """Bytes of the tensors a saved state writes (activations on disk are written already: only pointed to)."""
+    total = 0
+    for v in state.values():
+        for t in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _disk_generations(state: dict) -> list:
+    return [w for w in (state.get("inputs"), state.get("float_inputs")) if isinstance(w, DiskWindows)]
 
 
 class StreamedQuantizer:
@@ -498,8 +541,8 @@ class StreamedQuantizer:
             self._check_disk_space()
         while start < n and self.work.done(f"layer-{start:05d}"):
             start += 1
-        if start and not self.work.has_state(start - 1):
-            start = 0
+        # from the last saved state whose layers are all written (the layers after it are made again)
+        start = max([j + 1 for j in self.work.saved_states() if j < start], default=0)
         if distributed.min_int(start) != start or distributed.min_int(-start) != -start:
             start = 0  # the processes of a distributed run resume together or not at all
         if start:
@@ -511,6 +554,9 @@ class StreamedQuantizer:
             start, state = 0, self._first_inputs(layers)
         if self.calibrator is not None:
             self.calibrator.calls = state["calib_calls"]
+        saved = self.work.saved_states()  # (at most one: each save drops the one before)
+        kept = _disk_generations(state) if start else []  # activations on disk the saved state points to
+        writing = StateWrites()
         bar = tqdm(range(start, n), desc="quantizing", unit="layer", disable=not self.progress, initial=start, total=n)
         for i in bar:
             layer, prefix = layers[i], prefixes[i]
@@ -525,8 +571,8 @@ class StreamedQuantizer:
             self.reader.close()
             record: dict = {}
             t_layer = time.perf_counter()
-            # activations on disk: the generations the last saved state points to, dropped once the next is saved
-            previous = [w for w in (state.get("inputs"), state.get("float_inputs")) if isinstance(w, DiskWindows)]
+            # activations on disk: this layer's inputs, dropped once it is done unless the saved state points to them
+            previous = _disk_generations(state)
             if self.calibrator is not None:
                 self.calibrator.store = torch.device("cpu")  # the device holds the layer and one window at a time
                 self.calibrator.float_inputs = state.pop("float_inputs", None)
@@ -557,12 +603,20 @@ class StreamedQuantizer:
             unlink(layer)
             del layer
             give_memory_back(self.device)
-            self.work.save_state(i, state)
+            due = distributed.from_rank(writing.due(_state_bytes(state)), 0) if distributed.active() else writing.due(_state_bytes(state))
+            if due:
+                with writing.timed():
+                    self.work.save_state(i, state)
             if distributed.rank() == 0:
-                self.work.save(f"layer-{i:05d}", tensors, record)  # the layer counts as done once its state is safe
+                self.work.save(f"layer-{i:05d}", tensors, record)  # done; resumed from the last saved state before it
             del tensors  # written: not held while the next layer is calibrated
-            self.work.drop_state(i - 1)
-            for w in previous:
+            if due:
+                for j in saved:
+                    self.work.drop_state(j)
+                saved, gone, kept = [i], kept + previous, _disk_generations(state)
+            else:
+                gone = [w for w in previous if all(w.folder != k.folder for k in kept)]
+            for w in gone:
                 drop_windows(w)
         distributed.barrier()
         if distributed.rank() != 0:

@@ -292,6 +292,55 @@ def test_a_stopped_run_resumes_where_it_stopped(tiny_dirs, tmp_path, monkeypatch
     assert not work[0].exists()
 
 
+def test_large_states_are_saved_while_saving_takes_a_tenth_of_the_time():
+    from llmquant.stream import STATE_ALWAYS_BYTES, StateWrites
+
+    now = [0.0]
+    w = StateWrites(clock=lambda: now[0])
+    big = STATE_ALWAYS_BYTES + 1
+    saved = []
+    for t in range(0, 100, 5):  # a layer every 5 s, each save of a large state taking 2 s
+        now[0] = float(t)
+        if w.due(big):
+            with w.timed():
+                now[0] += 2.0
+            saved.append(t)
+        assert w.due(STATE_ALWAYS_BYTES)  # small states: every layer
+    # the first at once; then as soon as one more keeps the saving within 10% of the time: 2 s in every 20 s
+    assert saved == [0, 40, 60, 80]
+    assert w.spent == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("name", ["gptq", "gptq-disk"])
+def test_a_run_stopped_layers_after_its_last_saved_state_makes_them_again(family_dirs, tmp_path, monkeypatch, calib_file, name):
+    """States saved at layer 0 only (every save too slow for its share of the time): a run stopped after layer 2
+    resumes from layer 1 and makes layers 1 and 2 again, with the activations on disk the saved state points to."""
+    from llmquant import stream
+
+    model_dir = family_dirs("llama")  # 4 decoder layers
+    quiet(make_recipe(model_dir, tmp_path / "reference", name, calib_file))
+    monkeypatch.setattr(stream, "STATE_ALWAYS_BYTES", 0)
+    monkeypatch.setattr(stream, "STATE_TIME_SHARE", 0.0)  # only the first state is due
+    real = WorkFolder.save
+
+    def stop(self, step, tensors, record):
+        real(self, step, tensors, record)
+        if step == "layer-00002":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(WorkFolder, "save", stop)
+    with pytest.raises(KeyboardInterrupt):
+        quiet(make_recipe(model_dir, tmp_path / "out", name, calib_file))
+    work = list(tmp_path.glob(".out.llmquant-partial-*"))[0]
+    assert sorted(p.name for p in work.glob("state-after-*")) == ["state-after-00000.pt"]
+    assert all((work / f"layer-{i:05d}.done.json").is_file() for i in range(3))
+    monkeypatch.setattr(WorkFolder, "save", real)
+    res = quiet(make_recipe(model_dir, tmp_path / "out", name, calib_file))
+    assert res.resumed_from == 1
+    same_files(tmp_path / "out", tmp_path / "reference")
+    assert not work.exists()
+
+
 def test_a_stopped_run_resumed_with_another_shard_size_starts_again(tiny_dirs, tmp_path, monkeypatch, calib_file):
     model_dir = tiny_dirs("llama")
     quiet(make_recipe(model_dir, tmp_path / "reference", "rtn-mixed", calib_file, max_shard_size="60KB"))
