@@ -11,6 +11,9 @@ naming the setting to change. The figures are estimates of the largest items, ea
   kept in memory, or with ``calibration.activations: disk`` three (five) generations on disk;
 * Hessians: for every Linear layer of the largest decoder layer, its inputs' XᵀX sums (float64 upper triangle,
   then float32): 4 x in_features² bytes each, an upper bound (layers reading one tensor share one);
+* tuning (``tune``, ``gptq+tune``): a float32 copy of each tuned weight with its scales' factors and Adam's
+  moments, 5 bytes per weight, for one decoder layer at a time; with ``tune.model_steps`` for every quantized layer of
+  the decoder layers at once (a recipe that cannot hold them is refused naming that setting);
 * the export's files, and a streamed run's resume state beside the output (activations kept in memory are saved after
   each layer, the new state written before the old one goes: two generations for a moment).
 """
@@ -59,9 +62,11 @@ def hessian_bytes(layer: nn.Module) -> int:
 def estimate(recipe, plan, frame: nn.Module, dtype: torch.dtype, streamed: bool, device: torch.device,
              calibrated: bool, tracks_float: bool) -> Needs:
     """``frame``: the model's skeleton (meta tensors will do)."""
+    from .algorithms import ALGORITHMS
+    from .schemes import FourBit, Int8
     from .walk import decoder_layers
 
-    _, layers = decoder_layers(frame)
+    stack, layers = decoder_layers(frame)
     largest = max(layers, key=lambda l: layer_bytes(l, dtype))
     n = Needs()
     whole = plan.float_bytes
@@ -85,6 +90,21 @@ def estimate(recipe, plan, frame: nn.Module, dtype: torch.dtype, streamed: bool,
         else:
             n.host[f"calibration activations ({gens} x {human_bytes(generation)})"] = generation * gens
         (n.device if on_gpu else n.host)["Hessians of the largest layer (at most)"] = hessian_bytes(largest)
+        # tuning: a float32 copy of each tuned weight (the values it rounds from) and its scales' factors with Adam's
+        # moments (the scales are a small fraction: counted as a quarter more), one decoder layer at a time; with
+        # tune.model_steps every quantized layer of the decoder layers at once
+        prefixes = [f"{stack}.{i}." for i in range(len(layers))]
+        quantized = [e for e in plan.entries if isinstance(e.scheme, (FourBit, Int8)) and e.name.startswith(tuple(prefixes))]
+
+        def state(entries) -> int:
+            return sum(5 * e.out_features * e.in_features for e in entries)
+
+        tuned = [e for e in quantized if ALGORITHMS[e.method].tunes]
+        if tuned:
+            place = n.device if on_gpu else n.host
+            place["tuning state of the largest layer"] = max(state([e for e in tuned if e.name.startswith(p)]) for p in prefixes)
+        if c.tune.model_steps and quantized:
+            (n.device if on_gpu else n.host)["tuning the whole model at once (tune.model_steps)"] = state(quantized)
         if streamed and c.activations != "disk":
             # the state after a layer is written before the one before it goes: two copies at once for a moment
             # (with activations on disk the state only points to the generations counted above)
@@ -98,9 +118,12 @@ def check(needs: Needs, out: Path, device: torch.device) -> None:
     def refuse(where: str, items: dict, free: int) -> None:
         total = sum(items.values())
         biggest = max(items, key=items.get)
-        hint = ("lower calibration.nsamples or calibration.seqlen" + (", or set calibration.activations: disk"
+        whole = next((k for k in items if "tune.model_steps" in k), None)
+        hint = ("set calibration.tune.model_steps: 0 (it tunes the whole model at once, loaded whole; the layer-by-layer "
+                "tuning of the method stays)" if whole else
+                "lower calibration.nsamples or calibration.seqlen" + (", or set calibration.activations: disk"
                 if "activations" in biggest and "disk" not in where and needs.settings.get("streamed") else "")
-                if "activations" in biggest or "state" in biggest else
+                if "activations" in biggest or "resume state" in biggest else
                 "use a machine with more memory, or a smaller model" if "model" in biggest or "layer" in biggest else
                 "free some space or choose another output folder")
         raise UserError(f"this run needs about {human_bytes(total)} of {where} ({biggest}: {human_bytes(items[biggest])}) "

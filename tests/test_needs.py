@@ -9,6 +9,7 @@ from transformers import LlamaConfig, Qwen2Config
 
 from llmquant import memory, needs, pipeline
 from llmquant.cli import main
+from llmquant.errors import UserError
 from llmquant.plan import build_plan
 from llmquant.recipe import Recipe
 from llmquant.report import human_bytes
@@ -57,6 +58,34 @@ def test_figures_match_a_hand_computation(name, streamed):
     assert n.disk["the export"] == pytest.approx(plan.file_bytes_estimate())
     if name == "Llama-3-70B" and streamed:  # the issue's case: GPTQ 128 x 2048 on a 70B model, streamed
         assert sum(n.host.values()) == pytest.approx(2 * activations + hessians + layer + 2 * (2 * vocab * h + h), rel=0.10)
+
+
+def test_tuning_state_by_hand_and_the_whole_model_stage_refused_when_it_cannot_fit(monkeypatch, tmp_path):
+    """gptq+tune on Llama-3-8B: the layer stage holds one decoder layer's tuning state (a float32 copy of each weight
+    and its scales' factors with Adam's moments, counted as 5 bytes per weight), tune.model_steps every layer's at
+    once; on 48 GB, a whole-model stage of an 8B model is refused naming tune.model_steps, the layer stage streamed fits."""
+    _, h, inter, layers, heads, kv_heads, vocab, _ = MODELS["Llama-3-8B"]
+    frame = _frame("Llama-3-8B")
+    kv = kv_heads * (h // heads)
+    linear = 2 * h * h + 2 * h * kv + 3 * h * inter  # one decoder layer's Linear weights
+    made = {}
+    for steps in (0, 100):
+        recipe = Recipe.from_dict({"model": {"source": "x"}, "output": {"dir": str(tmp_path / "out")},
+                                   "quantization": {"default": "nf4", "method": "gptq+tune"},
+                                   "calibration": {"text": {"source": "wikitext2"}, "nsamples": 128, "seqlen": 2048,
+                                                   "tune": {"model_steps": steps}}})
+        plan = build_plan(frame, recipe.quantization, torch.bfloat16)
+        n = needs.estimate(recipe, plan, frame, torch.bfloat16, steps == 0, torch.device("cpu"), calibrated=True,
+                           tracks_float=False)
+        assert n.host["tuning state of the largest layer"] == 5 * linear
+        whole = n.host.get("tuning the whole model at once (tune.model_steps)")
+        assert whole == (5 * layers * linear if steps else None)
+        made[steps] = n
+    monkeypatch.setattr(memory, "free_bytes", lambda device, all_gpus=False: 48 * 2**30)
+    made[0].disk = made[100].disk = {}
+    needs.check(made[0], tmp_path / "out", torch.device("cpu"))  # streamed, a layer at a time: fits
+    with pytest.raises(UserError, match=r"^this run needs about .* of host memory .* set calibration.tune.model_steps: 0"):
+        needs.check(made[100], tmp_path / "out", torch.device("cpu"))
 
 
 OVERSIZED = {
