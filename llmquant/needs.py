@@ -113,6 +113,32 @@ def estimate(recipe, plan, frame: nn.Module, dtype: torch.dtype, streamed: bool,
     return n
 
 
+def estimate_auto(recipe, frame: nn.Module, dtype: torch.dtype, streamed: bool) -> Needs:
+    """What the search of ``quantization.auto`` needs beside the model's weights, before any format is chosen: streamed,
+    the sensitivity pass keeps every decoder layer's inputs on disk for its backward pass (layers x windows x seqlen x
+    hidden in the model's dtype) and one layer's hidden states and gradients (float32) in memory; a ``kl`` target's
+    measurements keep two generations of hidden states and, with a calibrated method, every layer's Hessians on disk
+    (the quantized candidates it also keeps there are not counted). Freed before the quantization starts."""
+    from .algorithms import ALGORITHMS
+    from .walk import decoder_layers
+
+    n = Needs()
+    auto, c = recipe.quantization.auto, recipe.calibration
+    if auto is None or c is None:
+        return n
+    _, layers = decoder_layers(frame)
+    hidden = frame.config.get_text_config().hidden_size
+    states = min(auto.windows, c.nsamples) * c.seqlen * hidden
+    n.host["quantization.auto: one layer's hidden states and gradients"] = states * (dtype.itemsize + 4)
+    if streamed:
+        n.disk["quantization.auto: every decoder layer's inputs"] = len(layers) * states * dtype.itemsize
+        if auto.kl is not None:
+            n.disk["quantization.auto: two generations of hidden states"] = 2 * states * dtype.itemsize
+            if ALGORITHMS[recipe.quantization.method].calibrated:
+                n.disk["quantization.auto: every layer's Hessians (at most)"] = sum(hessian_bytes(l) for l in layers)
+    return n
+
+
 def check(needs: Needs, out: Path, device: torch.device) -> None:
     """Refuse, in one line, a run whose needs exceed the free host memory, GPU memory or disk."""
     def refuse(where: str, items: dict, free: int) -> None:
@@ -121,6 +147,8 @@ def check(needs: Needs, out: Path, device: torch.device) -> None:
         whole = next((k for k in items if "tune.model_steps" in k), None)
         hint = ("set calibration.tune.model_steps: 0 (it tunes the whole model at once, loaded whole; the layer-by-layer "
                 "tuning of the method stays)" if whole else
+                "lower quantization.auto.windows or calibration.seqlen" + (", or free some space" if "disk" in where else "")
+                if biggest.startswith("quantization.auto") else
                 "lower calibration.nsamples or calibration.seqlen" + (", or set calibration.activations: disk"
                 if "activations" in biggest and "disk" not in where and needs.settings.get("streamed") else "")
                 if "activations" in biggest or "resume state" in biggest else

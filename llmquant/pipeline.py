@@ -124,6 +124,13 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
         reader = _stream_reader(recipe, src, frame, log)
         if reader is None:
             _check_fits_for_auto(plan.float_bytes, dtype, recipe.device)
+        search = needs_mod.estimate_auto(recipe, frame, dtype, reader is not None)
+        if dry_run:
+            console.print("what the search of quantization.auto needs (estimates of the largest items):")
+            for line in search.lines():
+                console.print(f"  {line}")
+        else:
+            needs_mod.check(search, out, pick_device(recipe.device))  # before the search reads any weight
         recipe, auto_report = _choose_formats(recipe, problem, src, calib_text, log, progress, frame, reader, device, out)
         timings["auto"] = time.perf_counter() - t
         plan = build_plan(frame, recipe.quantization, dtype, tile)

@@ -88,6 +88,39 @@ def test_tuning_state_by_hand_and_the_whole_model_stage_refused_when_it_cannot_f
         needs.check(made[100], tmp_path / "out", torch.device("cpu"))
 
 
+def test_the_search_of_quantization_auto_is_refused_before_it_starts_when_its_scratch_cannot_fit(tiny_dirs, tmp_path, monkeypatch,
+                                                                                                 capsys):
+    """Streamed, the sensitivity pass keeps every decoder layer's inputs on disk: on Llama-3-70B with 32 windows of 2048,
+    80 x 32 x 2048 x 8192 x 2 bytes = 86 GB; a recipe whose search cannot fit is refused before any weight is read."""
+    import shutil
+
+    _, h, _, layers, *_ = MODELS["Llama-3-70B"]
+    frame = _frame("Llama-3-70B")
+    recipe = Recipe.from_dict({"model": {"source": "x"}, "output": {"dir": "out"},
+                               "quantization": {"auto": {"kl": 0.05}, "method": "gptq"},
+                               "calibration": {"text": {"source": "wikitext2"}, "nsamples": 128, "seqlen": 2048}})
+    n = needs.estimate_auto(recipe, frame, torch.bfloat16, streamed=True)
+    assert n.disk["quantization.auto: every decoder layer's inputs"] == layers * 32 * 2048 * h * 2
+    assert n.disk["quantization.auto: two generations of hidden states"] == 2 * 32 * 2048 * h * 2
+    assert n.disk["quantization.auto: every layer's Hessians (at most)"] == pytest.approx(
+        layers * 4 * (6 * h * h + 28672 ** 2), rel=0.10)
+    assert n.host["quantization.auto: one layer's hidden states and gradients"] == 32 * 2048 * h * 6
+    # the tiny model: 2 layers x 16 windows x 64 tokens x 128 x 4 bytes = 1 MB of inputs, on a disk with 0.5 MB free
+    d = {"model": {"source": str(tiny_dirs("llama"))}, "device": "cpu", "output": {"dir": str(tmp_path / "out")},
+         "quantization": {"auto": {"bits_per_weight": 4.5, "windows": 16}},
+         "calibration": {"text": {"source": str(tmp_path / "t.txt")}, "nsamples": 16, "seqlen": 64}}
+    (tmp_path / "t.txt").write_text("Some calibration text. " * 400)
+    (tmp_path / "r.yaml").write_text(json.dumps(d))
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=2**19))
+    monkeypatch.setattr(pipeline, "_choose_formats", lambda *a, **k: pytest.fail("the search started"))
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "r.yaml"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(quantization.auto: every decoder layer's inputs: 1.0 MB)" in err[0], err
+    assert err[0].endswith("lower quantization.auto.windows or calibration.seqlen, or free some space"), err
+
+
 OVERSIZED = {
     # a typo for 1000: 100000 x 512 x 64 x 4 bytes x 2 generations = 26 GB of activations
     "nsamples": ({"calibration": {"nsamples": 100000, "seqlen": 512}}, "host memory (calibration activations",
