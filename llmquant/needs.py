@@ -11,9 +11,9 @@ naming the setting to change. The figures are estimates of the largest items, ea
   kept in memory, or with ``calibration.activations: disk`` three (five) generations on disk;
 * Hessians: for every Linear layer of the largest decoder layer, its inputs' XᵀX sums (float64 upper triangle,
   then float32): 4 x in_features² bytes each, an upper bound (layers reading one tensor share one);
-* tuning (``tune``, ``gptq+tune``): a float32 copy of each tuned weight with its scales' factors and Adam's
-  moments, 5 bytes per weight, for one decoder layer at a time; with ``tune.model_steps`` for every quantized layer of
-  the decoder layers at once (a recipe that cannot hold them is refused naming that setting);
+* tuning (``tune``, ``gptq+tune``): :data:`TUNE_LAYER_BYTES` per tuned weight of one decoder layer at a time; with
+  ``tune.model_steps`` :data:`TUNE_MODEL_BYTES` per weight of every quantized layer of the decoder layers at once (a
+  recipe that cannot hold them is refused naming that setting);
 * the export's files, and a streamed run's resume state beside the output (activations kept in memory are saved after
   each layer, the new state written before the old one goes: two generations for a moment).
 """
@@ -46,6 +46,15 @@ class Needs:
                 parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in items.items() if v)
                 out.append(f"{where}: about {human_bytes(sum(items.values()))} ({parts})")
         return out
+
+
+# Tuning's memory per tuned weight. A decoder layer's stage (tune, gptq+tune) holds, for each weight, float32 copies
+# (the weight it rounds from, the offset being tuned with its gradient and bounds, the best offset so far) and the
+# forward's temporaries autograd keeps for the backward: 42 bytes measured (peak resident memory of a streamed run with
+# a 16.8M-weight decoder layer, gptq+tune against gptq: +700 MB). The whole-model stage (tune.model_steps) tunes
+# scales only: each weight's float32 dequantized value, and the scales' factors.
+TUNE_LAYER_BYTES = 42
+TUNE_MODEL_BYTES = 5
 
 
 def layer_bytes(layer: nn.Module, dtype: torch.dtype) -> int:
@@ -90,21 +99,20 @@ def estimate(recipe, plan, frame: nn.Module, dtype: torch.dtype, streamed: bool,
         else:
             n.host[f"calibration activations ({gens} x {human_bytes(generation)})"] = generation * gens
         (n.device if on_gpu else n.host)["Hessians of the largest layer (at most)"] = hessian_bytes(largest)
-        # tuning: a float32 copy of each tuned weight (the values it rounds from) and its scales' factors with Adam's
-        # moments (the scales are a small fraction: counted as a quarter more), one decoder layer at a time; with
-        # tune.model_steps every quantized layer of the decoder layers at once
+        # tuning, one decoder layer at a time, and with tune.model_steps every quantized layer of the decoder layers
         prefixes = [f"{stack}.{i}." for i in range(len(layers))]
         quantized = [e for e in plan.entries if isinstance(e.scheme, (FourBit, Int8)) and e.name.startswith(tuple(prefixes))]
 
-        def state(entries) -> int:
-            return sum(5 * e.out_features * e.in_features for e in entries)
+        def weights_of(entries) -> int:
+            return sum(e.out_features * e.in_features for e in entries)
 
         tuned = [e for e in quantized if ALGORITHMS[e.method].tunes]
         if tuned:
-            place = n.device if on_gpu else n.host
-            place["tuning state of the largest layer"] = max(state([e for e in tuned if e.name.startswith(p)]) for p in prefixes)
+            (n.device if on_gpu else n.host)["tuning state of the largest layer"] = TUNE_LAYER_BYTES * max(
+                weights_of([e for e in tuned if e.name.startswith(p)]) for p in prefixes)
         if c.tune.model_steps and quantized:
-            (n.device if on_gpu else n.host)["tuning the whole model at once (tune.model_steps)"] = state(quantized)
+            (n.device if on_gpu else n.host)["tuning the whole model at once (tune.model_steps)"] = (
+                TUNE_MODEL_BYTES * weights_of(quantized))
         if streamed and c.activations != "disk":
             # the state after a layer is written before the one before it goes: two copies at once for a moment
             # (with activations on disk the state only points to the generations counted above)
