@@ -15,7 +15,8 @@ and shards as the in-memory export, so both are the same bytes; each tensor is w
 at its place once, as soon as it is made. They live in a work folder beside the output
 (``.OUT.llmquant-partial-KEY``) with a record of each finished layer and the state after the last layer saved
 (see :data:`STATE_TIME_SHARE`), which makes runs resumable: a run stopped during layer 57 of 80 restarts after the
-last layer whose state was saved (57 where states are small) with the same result. Once every layer is written the files are linked into the export.
+last layer whose state was saved (57 where states are small) with the same result. Once every layer is written the
+files are linked into the export.
 """
 
 from __future__ import annotations
@@ -603,7 +604,9 @@ class StreamedQuantizer:
             unlink(layer)
             del layer
             give_memory_back(self.device)
-            due = distributed.from_rank(writing.due(_state_bytes(state)), 0) if distributed.active() else writing.due(_state_bytes(state))
+            due = writing.due(_state_bytes(state))
+            if distributed.active():
+                due = distributed.from_rank(due, 0)  # the processes save (and so resume) together
             if due:
                 with writing.timed():
                     self.work.save_state(i, state)

@@ -54,6 +54,20 @@ def whole(monkeypatch):
     monkeypatch.setattr(pipeline, "_stream_reader", lambda *a: None)
 
 
+def stop_after(monkeypatch, step: str):
+    """Make the run stop (KeyboardInterrupt, as if killed) once the work folder has saved ``step``; returns the real
+    ``WorkFolder.save``."""
+    real = WorkFolder.save
+
+    def save(self, done, tensors, record):
+        real(self, done, tensors, record)
+        if done == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(WorkFolder, "save", save)
+    return real
+
+
 def same_files(a: Path, b: Path):
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())
@@ -321,14 +335,7 @@ def test_a_run_stopped_layers_after_its_last_saved_state_makes_them_again(family
     quiet(make_recipe(model_dir, tmp_path / "reference", name, calib_file))
     monkeypatch.setattr(stream, "STATE_ALWAYS_BYTES", 0)
     monkeypatch.setattr(stream, "STATE_TIME_SHARE", 0.0)  # only the first state is due
-    real = WorkFolder.save
-
-    def stop(self, step, tensors, record):
-        real(self, step, tensors, record)
-        if step == "layer-00002":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(WorkFolder, "save", stop)
+    real = stop_after(monkeypatch, "layer-00002")
     with pytest.raises(KeyboardInterrupt):
         quiet(make_recipe(model_dir, tmp_path / "out", name, calib_file))
     work = list(tmp_path.glob(".out.llmquant-partial-*"))[0]
@@ -344,14 +351,7 @@ def test_a_run_stopped_layers_after_its_last_saved_state_makes_them_again(family
 def test_a_stopped_run_resumed_with_another_shard_size_starts_again(tiny_dirs, tmp_path, monkeypatch, calib_file):
     model_dir = tiny_dirs("llama")
     quiet(make_recipe(model_dir, tmp_path / "reference", "rtn-mixed", calib_file, max_shard_size="60KB"))
-    real = WorkFolder.save
-
-    def stop(self, step, tensors, record):
-        real(self, step, tensors, record)
-        if step == "layer-00000":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(WorkFolder, "save", stop)
+    stop_after(monkeypatch, "layer-00000")
     with pytest.raises(KeyboardInterrupt):
         quiet(make_recipe(model_dir, tmp_path / "out", "rtn-mixed", calib_file))
     monkeypatch.undo()
