@@ -510,7 +510,8 @@ class SequentialCalibrator:
                 give_file_pages_back(layer_weight(m) for m in modules)
 
         if floats:
-            report["tune"] = self._tune(layer, prefix, names, floats, inputs, float_out if model_out is None else model_out)
+            report["tune"] = self._tune(layer, prefix, names, floats, inputs, float_out if model_out is None else model_out,
+                                        groups if self.spec.tune.scope == "group" else None)
         if model_out is not None:
             self.float_inputs = model_out
         num, den, outputs = self._run_quantized(layer, inputs, float_out, f"{prefix}.outputs")
@@ -560,8 +561,10 @@ class SequentialCalibrator:
             self._said.add(key)
             self.log(line)
 
-    def _tune(self, layer: nn.Module, prefix: str, names: list[str], floats: dict, inputs: list, float_out: list) -> dict:
-        """Tune the codes and scales of the layers in ``floats`` (from their starting choice) on the layer's output."""
+    def _tune(self, layer: nn.Module, prefix: str, names: list[str], floats: dict, inputs: list, float_out: list,
+              groups: list[list[str]] | None) -> dict:
+        """Tune the codes and scales of the layers in ``floats`` (from their starting choice) on the layer's output,
+        all at once or (``groups``: the layer's groups of Linear layers reading the same inputs) one group at a time."""
         from .algorithms.tune import tune_layer
         from .quantized import KeptWeight
 
@@ -574,7 +577,8 @@ class SequentialCalibrator:
         try:
             results, rep = tune_layer(layer, tuned, frozen, inputs, float_out, self.calls.of(0, self._index), self.device,
                                       {"steps": o.steps, "lr": o.lr, "batch": o.batch, "seed": self.spec.seed},
-                                      self.plan.model_dtype, on_step)
+                                      self.plan.model_dtype, on_step,
+                                      None if groups is None else [[rel[n] for n in g if n in rel] for g in groups])
         finally:
             bar.close()
         for n in floats:
@@ -589,6 +593,7 @@ class SequentialCalibrator:
         bar = tqdm(total=total, desc=desc, unit="step", leave=leave, disable=not self.progress)
 
         def on_step(t, steps, loss):
+            bar.total = steps  # one decoder layer's groups tuned in turn take their steps each
             bar.update(1)
             if t % 10 == 0 or t == steps:
                 bar.set_postfix_str(f"{label} {loss:.3g}")

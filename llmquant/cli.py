@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import ExportCheckError, UserError, read_utf8
+from .errors import ExportCheckError, PeerError, UserError, read_utf8
 
 EPILOG = """\
 examples:
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ExportCheckError as e:
+    except (ExportCheckError, PeerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -13,11 +13,12 @@ GPTQ solve) is then made by one process, in turn, and sent to the others, which 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 
-from .errors import UserError
+from .errors import PeerError, UserError
 
 
 def launched() -> bool:
@@ -81,18 +82,32 @@ def share(n: int) -> slice:
     return slice(begin, begin + base + (1 if r < extra else 0))
 
 
+@contextmanager
+def _collective():
+    """One line instead of the backend's message when the others never come: which process waited, and why that is."""
+    try:
+        yield
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeerError(f"process {rank()} of {world_size()} waited for the others in a collective and it failed "
+                        f"({first[:200]}): another process stopped (its own output says why) or was still working after "
+                        f"the process group's timeout ({TIMEOUT})") from e
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
     if active():
-        dist.barrier()
+        with _collective():
+            dist.barrier()
 
 
 def sum_(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
     if active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with _collective():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
@@ -100,17 +115,19 @@ def max_(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
     if active():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        with _collective():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
 def min_int(v: int) -> int:
+    import torch.distributed as dist
+
     if not active():
         return v
     t = torch.tensor([v], dtype=torch.int64, device=_collective_device())
-    import torch.distributed as dist
-
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    with _collective():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 
 
@@ -121,7 +138,8 @@ def gather(obj) -> list:
     if not active():
         return [obj]
     out = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    with _collective():
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -132,7 +150,8 @@ def from_rank(obj, owner: int):
     if not active():
         return obj
     box = [_to_cpu(obj) if rank() == owner else None]
-    dist.broadcast_object_list(box, src=owner)
+    with _collective():
+        dist.broadcast_object_list(box, src=owner)
     return box[0]
 
 

@@ -14,6 +14,11 @@ class ExportCheckError(RuntimeError):
     """A written checkpoint did not reload to the model it was written from."""
 
 
+class PeerError(RuntimeError):
+    """In a run over several processes, a collective that did not complete: another process stopped, or did not come
+    within the process group's timeout."""
+
+
 def read_utf8(path, what: str) -> str:
     """A user's text file (a recipe, a calibration text), with one-line errors for unreadable ones."""
     try:

@@ -124,7 +124,7 @@ def _run(recipe: Recipe, dry_run: bool, console, log, progress: bool, device: to
         reader = _stream_reader(recipe, src, frame, log)
         if reader is None:
             _check_fits_for_auto(plan.float_bytes, dtype, recipe.device)
-        search = needs_mod.estimate_auto(recipe, frame, dtype, reader is not None)
+        search = needs_mod.estimate_auto(recipe, frame, dtype, reader is not None, problem)
         if dry_run:
             console.print("what the search of quantization.auto needs (estimates of the largest items):")
             for line in search.lines():

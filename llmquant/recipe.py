@@ -244,6 +244,11 @@ class TuneOptions(StrictModel):
     # activations is kept); or "layer", the float layer's outputs on the same inputs (the quantized
     # previous layers' outputs). "model" measured 15% less KL on SmolLM2 at equal perplexity.
     target: Literal["layer", "model"] = "model"
+    # What is tuned at once: "layer", every quantized Linear layer of a decoder layer together; "group", one group of
+    # Linear layers reading the same inputs after the other (q/k/v, o, gate/up, down in a Llama layer), each for all
+    # the steps, the others computing with their weights as chosen so far: only that group's tuning state is held
+    # (about 42 bytes per weight), for groups-times the steps. For layers whose state does not fit in memory.
+    scope: Literal["layer", "group"] = "layer"
     # Steps of an end-to-end stage after the last decoder layer (0: none; any calibrated method): the stored scales
     # of every quantized layer of the decoder layers (codes fixed) tuned together, by Adam, so that the quantized
     # model's next-token distribution on the calibration windows matches the float model's (KL over its 64 most

@@ -51,6 +51,9 @@ ROWS = {
     # tuned toward the float layer's outputs on the quantized inputs (calibration.tune.target: layer)
     "gptq+tune-nf4-layer": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune",
                                          "calibration": {"tune": {"target": "layer"}}}),
+    # one group of Linear layers reading one input at a time (q/k/v, o, gate/up, down), each for all the steps
+    "gptq+tune-nf4-group": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune",
+                                         "calibration": {"tune": {"scope": "group"}}}),
     # four calibration windows per tuning step instead of one
     "gptq+tune-nf4-b4": ("llmquant", {"default": {"format": "nf4"}, "method": "gptq+tune",
                                       "calibration": {"tune": {"batch": 4}}}),

@@ -137,3 +137,41 @@ def test_the_baseline_is_evaluated_after_the_others_are_done(tiny_dirs, tmp_path
     for model in ("baseline", "quantized"):
         assert two["models"][model]["perplexity"] == pytest.approx(one["models"][model]["perplexity"], rel=1e-6)
     assert two["models"]["quantized"]["kl_divergence"] == pytest.approx(one["models"]["quantized"]["kl_divergence"], rel=1e-4)
+
+
+LATE_PROCESS = """
+import os, sys, time
+from datetime import timedelta
+
+from llmquant import cli, distributed
+
+distributed.TIMEOUT = timedelta(seconds=4)
+real = distributed.share
+
+
+def late(n):
+    if os.environ.get("RANK") == "1":
+        time.sleep(12)  # process 1 comes to the first collective long after process 0's patience ran out
+    return real(n)
+
+
+distributed.share = late
+raise SystemExit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_process_the_others_wait_for_too_long_ends_the_run_with_one_line_each(tiny_dirs, tmp_path):
+    """The process that waited past the timeout says so, naming the timeout; the late one finds the others gone; nothing
+    is written under the output folder."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT * 3)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(_recipe(tiny_dirs("llama"), tmp_path / "out", calib, "gptq")))
+    (tmp_path / "late.py").write_text(LATE_PROCESS)
+    proc = _torchrun(tmp_path / "two.yaml", script=tmp_path / "late.py")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert any(line.startswith("error: process 0 of 2 waited for the others in a collective and it failed (") and
+               line.endswith("another process stopped (its own output says why) or was still working after the "
+                             "process group's timeout (0:00:04)") for line in errors), proc.stderr[-3000:]
+    assert not any("unexpected" in line for line in errors), errors
+    assert not (tmp_path / "out").exists()

@@ -86,6 +86,24 @@ def test_tuning_state_by_hand_and_the_whole_model_stage_refused_when_it_cannot_f
     with pytest.raises(UserError, match=r"^this run needs about .* of host memory .* set calibration.tune.model_steps: 0"):
         needs.check(made[100], tmp_path / "out", torch.device("cpu"))
 
+    # tune.scope: group holds the largest group's state (gate/up) and 20 bytes for each other tuned weight; where a
+    # layer's state does not fit (12 GB free: it needs 13.5, by groups 11.2) the refusal names that setting, and the group scope fits
+    by_scope = {}
+    for scope in ("layer", "group"):
+        recipe = Recipe.from_dict({"model": {"source": "x"}, "output": {"dir": str(tmp_path / "out")},
+                                   "quantization": {"default": "nf4", "method": "gptq+tune"},
+                                   "calibration": {"text": {"source": "wikitext2"}, "nsamples": 16, "seqlen": 2048,
+                                                   "tune": {"scope": scope}}})
+        plan = build_plan(frame, recipe.quantization, torch.bfloat16)
+        by_scope[scope] = needs.estimate(recipe, plan, frame, torch.bfloat16, True, torch.device("cpu"), calibrated=True,
+                                         tracks_float=False)
+        by_scope[scope].disk = {}
+    assert by_scope["group"].host["tuning state of the largest group"] == 42 * 2 * h * inter + 20 * (linear - 2 * h * inter)
+    monkeypatch.setattr(memory, "free_bytes", lambda device, all_gpus=False: 12 * 2**30)
+    with pytest.raises(UserError, match=r"\(tuning state of the largest layer: .*set calibration.tune.scope: group"):
+        needs.check(by_scope["layer"], tmp_path / "out", torch.device("cpu"))
+    needs.check(by_scope["group"], tmp_path / "out", torch.device("cpu"))
+
 
 def test_the_search_of_quantization_auto_is_refused_before_it_starts_when_its_scratch_cannot_fit(tiny_dirs, tmp_path, monkeypatch,
                                                                                                  capsys):
@@ -98,8 +116,17 @@ def test_the_search_of_quantization_auto_is_refused_before_it_starts_when_its_sc
     recipe = Recipe.from_dict({"model": {"source": "x"}, "output": {"dir": "out"},
                                "quantization": {"auto": {"kl": 0.05}, "method": "gptq"},
                                "calibration": {"text": {"source": "wikitext2"}, "nsamples": 128, "seqlen": 2048}})
-    n = needs.estimate_auto(recipe, frame, torch.bfloat16, streamed=True)
+    from llmquant import auto
+
+    n = needs.estimate_auto(recipe, frame, torch.bfloat16, streamed=True, problem=auto.prepare(recipe, frame, torch.bfloat16))
     assert n.disk["quantization.auto: every decoder layer's inputs"] == layers * 32 * 2048 * h * 2
+    # the weights the measured mixes (7 at most) give each layer, kept for the mixes after: the 7 largest of its nine
+    # candidates but the bf16 it has (int8: a byte and a float32 scale per row; NF4 block g: half a byte, a float32
+    # scale per block, or with double quantization a byte per block and a float32 per 256 blocks)
+    weights = layers * (2 * h * h + 2 * h * 1024 + 3 * h * 28672)
+    per_weight = sorted([1.0] + [0.5 + 4 / g for g in (32, 64, 128, 256)] + [0.5 + 1 / g + 4 / (256 * g) for g in (32, 64, 128, 256)],
+                        reverse=True)[:7]
+    assert n.disk["quantization.auto: the candidates' weights (at most)"] == pytest.approx(weights * sum(per_weight), rel=0.05)
     assert n.disk["quantization.auto: two generations of hidden states"] == 2 * 32 * 2048 * h * 2
     assert n.disk["quantization.auto: every layer's Hessians (at most)"] == pytest.approx(
         layers * 4 * (6 * h * h + 28672 ** 2), rel=0.10)

@@ -356,6 +356,60 @@ def test_tuning_toward_the_float_model_gets_its_activations_streamed_or_not(tiny
     assert digest(tmp_path / "layer") != digest(tmp_path / "streamed")
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_scope_group_holds_one_groups_tuning_state_at_a_time(tiny_dirs, family_dirs, tmp_path, texts, monkeypatch, arch):
+    """tune.scope: group: the groups of Linear layers reading one input are tuned in turn (q/k/v, o, gate/up, down;
+    Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj), only that group's tuning modules alive while it is tuned, each
+    group starting where the one before ended (the others computing with their weights as chosen so far); the export
+    holds the tuned weights, reloads and passes the check."""
+    import gc
+    import weakref
+
+    import llmquant.algorithms.tune as tune_mod
+
+    alive: list = []  # weak references to every TunedLinear made
+    real_init = TunedLinear.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        alive.append(weakref.ref(self))
+
+    peak = {"weights": 0}
+
+    def count(*a):
+        gc.collect()
+        peak["weights"] = max(peak["weights"], sum(r().w.numel() for r in alive if r() is not None))
+
+    monkeypatch.setattr(TunedLinear, "__init__", init)
+    real = tune_mod.tune_layer
+    layers_seen: list = []
+
+    def spy(layer, tuned, frozen, inputs, targets, call, device, options, dtype, on_step, groups):
+        layers_seen.append({n: w.numel() for n, (w, _, _) in tuned.items()})
+
+        def counting(*s):
+            count()
+            on_step(*s)
+
+        return real(layer, tuned, frozen, inputs, targets, call, device, options, dtype, counting, groups)
+
+    monkeypatch.setattr(tune_mod, "tune_layer", spy)
+    res = _run(_recipe((tiny_dirs if arch == "llama" else family_dirs)(arch), tmp_path / "out", texts, steps=6, scope="group"))
+    assert res.check.passed
+    reports = [layer["tune"] for layer in res.calibration["layers"]]
+    expected = {"llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                          ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+                "phi3": [["self_attn.qkv_proj"], ["self_attn.o_proj"], ["mlp.gate_up_proj"], ["mlp.down_proj"]]}[arch]
+    for rep in reports:
+        assert [g["layers"] for g in rep["groups"]] == expected
+        for before, after in zip(rep["groups"], rep["groups"][1:]):  # each group starts from the end of the one before
+            assert after["loss_before"] == pytest.approx(before["loss_after"], rel=1e-5)
+        assert rep["loss_after"] < rep["loss_before"]
+    sizes = layers_seen[0]
+    largest = max(sum(sizes[n] for n in g) for g in expected)
+    assert peak["weights"] == largest < sum(sizes.values())
+
+
 # ---- the end-to-end stage (calibration.tune.model_steps) --------------------------------------------
 
 

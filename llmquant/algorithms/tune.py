@@ -235,7 +235,7 @@ def _int8_inputs(x: torch.Tensor, threshold: float) -> torch.Tensor:
 def tune_layer(layer: nn.Module, tuned: dict[str, tuple[torch.Tensor, QuantizedWeight, object]],
                frozen: dict[str, QuantizedWeight], inputs: list[torch.Tensor], targets: list[torch.Tensor],
                call: tuple[tuple, dict], device: torch.device, options: dict, dtype: torch.dtype,
-               on_step=None) -> tuple[dict[str, QuantizedWeight], dict]:
+               on_step=None, groups: list[list[str]] | None = None) -> tuple[dict[str, QuantizedWeight], dict]:
     """Tune the Linear layers ``tuned`` (name relative to ``layer`` -> float weight, starting choice, scheme)
     of one decoder layer so its outputs on ``inputs`` match ``targets`` (the float layer's outputs). ``call``: the
     layer's own call arguments (:meth:`llmquant.walk.LayerCalls.of`; the windows are of one length, so one window's
@@ -247,22 +247,30 @@ def tune_layer(layer: nn.Module, tuned: dict[str, tuple[torch.Tensor, QuantizedW
     is the better of the start and the end of the tuning on that loss, so it is never worse than the start.
     ``options``: steps, lr (default 0.25 / steps), batch (windows per step), seed. ``dtype``: the compute
     dtype of the results (the layer computes in float32 while tuning; its tensors get their dtypes back).
+
+    ``groups`` (``tune.scope: group``): the layers tuned together, one group after the other, each for all the steps,
+    in this order; the others compute meanwhile with their weights as chosen so far (their starting choice before
+    their turn, their tuned weights after it), so only one group's tuning state exists at a time. ``None``: all of
+    ``tuned`` at once. Layers of ``tuned`` in no group come last, one group each.
     """
 
     steps, batch, seed = options["steps"], options["batch"], options["seed"]
     lr = options.get("lr") or DEFAULT_LR_TIMES_STEPS / steps
     t0 = time.perf_counter()
+    phases = [list(tuned)] if groups is None else [[n for n in g if n in tuned] for g in groups]
+    phases = [p for p in phases if p] + [[n] for n in tuned if not any(n in p for p in phases)]
+    total = steps * len(phases)
     originals = {n: layer.get_submodule(n) for n in [*tuned, *frozen]}
-    modules: dict[str, TunedLinear] = {}
     plain, grads, dtypes = [], [], {}
+    results: dict[str, QuantizedWeight] = {}
+    reports = []
     try:
-        for n, (w, start, scheme) in tuned.items():
-            modules[n] = TunedLinear(w.to(device), start, scheme, _bias(originals[n]))
-            layer.set_submodule(n, modules[n])
         for n, qw in frozen.items():
             layer.set_submodule(n, FrozenLinear(qw, _bias(originals[n])).to(device))
+        for n, (_, start, _) in tuned.items():  # each takes its turn below; until then it computes with its start
+            layer.set_submodule(n, FrozenLinear(start, _bias(originals[n])).to(device))
         # The rest of the layer (norms, attention) computes in float32 while tuning; its own dtype comes back after.
-        plain = [p for p in layer.parameters() if p.is_floating_point() and not any(p is q for m in modules.values() for q in (m.v, m.f))]
+        plain = [p for p in layer.parameters() if p.is_floating_point()]
         grads = [p.requires_grad for p in plain]
         for p in plain:
             p.requires_grad_(False)
@@ -275,27 +283,37 @@ def tune_layer(layer: nn.Module, tuned: dict[str, tuple[torch.Tensor, QuantizedW
             t = torch.cat([targets[i] for i in windows]).to(device).float()
             return F.mse_loss(call_layer(layer, x, call32, device, grad=torch.is_grad_enabled()), t)
 
-        def full_loss() -> float:
-            return _mean_loss(modules.values(), loss_on, len(inputs))
-
-        before = full_loss()
-        start_state = {n: m.state() for n, m in modules.items()}
-        with torch.enable_grad():
-            for t, windows in enumerate(_window_batches(len(inputs), batch, steps, seed)):
-                loss = loss_on(windows)
-                loss.backward()
-                step_lr = lr * (1.0 - t / steps)
-                for m in modules.values():
-                    m.step(step_lr)
-                if on_step is not None:
-                    on_step(t + 1, steps, loss.item())
-        after = full_loss()
-        if after > before:  # keep the start: tuning must never make the layer worse on its own calibration loss
-            for n, m in modules.items():
-                m.load(start_state[n])
-        results = {n: m.result(dtype) for n, m in modules.items()}
-        report = {"loss_before": before, "loss_after": min(before, after), "kept_start": after > before,
-                  "steps": steps, "seconds": round(time.perf_counter() - t0, 2)}
+        for k, phase in enumerate(phases):
+            modules: dict[str, TunedLinear] = {}
+            for n in phase:
+                w, start, scheme = tuned[n]
+                modules[n] = TunedLinear(w.to(device), start, scheme, _bias(originals[n]))
+                layer.set_submodule(n, modules[n])
+            before = _mean_loss(modules.values(), loss_on, len(inputs))
+            start_state = {n: m.state() for n, m in modules.items()}
+            with torch.enable_grad():
+                for t, windows in enumerate(_window_batches(len(inputs), batch, steps, seed)):
+                    loss = loss_on(windows)
+                    loss.backward()
+                    step_lr = lr * (1.0 - t / steps)
+                    for m in modules.values():
+                        m.step(step_lr)
+                    if on_step is not None:
+                        on_step(k * steps + t + 1, total, loss.item())
+            after = _mean_loss(modules.values(), loss_on, len(inputs))
+            if after > before:  # keep the start: tuning must never make the layer worse on its own calibration loss
+                for n, m in modules.items():
+                    m.load(start_state[n])
+            for n, m in modules.items():  # the group's result computes in its place; its tuning state goes
+                results[n] = m.result(dtype)
+                layer.set_submodule(n, FrozenLinear(results[n], _bias(originals[n])).to(device))
+            del modules, start_state, m  # (the loops' last module too)
+            reports.append({"layers": phase, "loss_before": before, "loss_after": min(before, after), "kept_start": after > before})
+        report = {"loss_before": reports[0]["loss_before"], "loss_after": reports[-1]["loss_after"],
+                  "kept_start": all(r["kept_start"] for r in reports), "steps": steps,
+                  "seconds": round(time.perf_counter() - t0, 2)}
+        if groups is not None:
+            report["groups"] = reports
     finally:
         for n, t in _tensors(layer):  # each tensor back to its dtype, while the quantized modules are still out
             if n in dtypes and t.dtype != dtypes[n]:
