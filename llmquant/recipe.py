@@ -248,7 +248,8 @@ class TuneOptions(StrictModel):
     # Linear layers reading the same inputs after the other (q/k/v, o, gate/up, down in a Llama layer), each for all
     # the steps, the others computing with their weights as chosen so far: only that group's tuning state is held
     # (about 42 bytes per weight), the others' 20 bytes per weight; groups-times the steps, each cheaper (about 1.5 times
-    # the time on SmolLM2, and a lower held-out error there). For layers whose state does not fit in memory.
+    # the time on SmolLM2; there a lower KL, but a higher perplexity on part of the held-out text: docs/methods.md).
+    # For layers whose state does not fit in memory.
     scope: Literal["layer", "group"] = "layer"
     # Steps of an end-to-end stage after the last decoder layer (0: none; any calibrated method): the stored scales
     # of every quantized layer of the decoder layers (codes fixed) tuned together, by Adam, so that the quantized
