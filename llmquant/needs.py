@@ -144,7 +144,7 @@ def estimate(recipe, plan, frame: nn.Module, dtype: torch.dtype, streamed: bool,
     return n
 
 
-def estimate_auto(recipe, frame: nn.Module, dtype: torch.dtype, streamed: bool, problem=None) -> Needs:
+def estimate_auto(recipe, frame: nn.Module, dtype: torch.dtype, streamed: bool, problem) -> Needs:
     """What the search of ``quantization.auto`` needs beside the model's weights, before any format is chosen: streamed,
     the sensitivity pass keeps every decoder layer's inputs on disk for its backward pass (layers x windows x seqlen x
     hidden in the model's dtype) and one layer's hidden states and gradients (float32) in memory; a ``kl`` target's
@@ -168,8 +168,7 @@ def estimate_auto(recipe, frame: nn.Module, dtype: torch.dtype, streamed: bool, 
             n.disk["quantization.auto: two generations of hidden states"] = 2 * states * dtype.itemsize
             if ALGORITHMS[recipe.quantization.method].calibrated:
                 n.disk["quantization.auto: every layer's Hessians (at most)"] = sum(hessian_bytes(l) for l in layers)
-            if problem is not None:
-                n.disk["quantization.auto: the candidates' weights (at most)"] = candidate_bytes(problem, dtype)
+            n.disk["quantization.auto: the candidates' weights (at most)"] = candidate_bytes(problem, dtype)
     return n
 
 
