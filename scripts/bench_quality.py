@@ -95,6 +95,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
+    ap.add_argument("--calibrate-on-held-out", action="store_true",
+                    help="ablation: draw the calibration windows from the evaluated text itself (in sample), to tell how "
+                         "much of a method's gap comes from generalizing to text it was not calibrated on")
     ap.add_argument("--true-sequential", action="store_true", help="calibrate with calibration.true_sequential on")
     ap.add_argument("--json", help="also write the table as JSON here")
     ap.add_argument("--part-marker", default="--(THE END)--",
@@ -129,12 +132,14 @@ def main() -> None:
     boundary = len(tokenize(tok, held.text[:at], None)[0]) if at > 0 else None  # first token of the second part
     if boundary is not None and not positions[0] < boundary <= positions[-1]:
         boundary = None  # (the evaluated tokens end before it)
-    cwin = calibration_windows(tok, calib.text, args.nsamples, args.seqlen, 0)
+    # in sample: the evaluated tokens themselves (decoded back to text), not the rest of the held-out part
+    cwin = calibration_windows(tok, tok.decode(ids) if args.calibrate_on_held_out else calib.text, args.nsamples,
+                               args.seqlen, 0)
     spec = CalibrationSpec.model_validate({"text": {"source": args.text}, "nsamples": args.nsamples, "seqlen": args.seqlen,
                                            "true_sequential": args.true_sequential})
     print(f"model {args.model} ({args.dtype}, {device}); evaluation: {len(windows)} windows of {args.seqlen} tokens "
           f"({targets} scored) from [{eval_from}, 1) of {args.text}; calibration: {args.nsamples} windows of "
-          f"{args.seqlen} from [0, {args.split})", flush=True)
+          + (f"{args.seqlen} from the evaluated text itself" if args.calibrate_on_held_out else f"{args.seqlen} from [0, {args.split})"), flush=True)
     if boundary is not None:
         print(f"parts: the {int((positions < boundary).sum())} scored tokens before {args.part_marker!r} and the "
               f"{int((positions >= boundary).sum())} from it", flush=True)
