@@ -133,13 +133,14 @@ def main() -> None:
     if boundary is not None and not positions[0] < boundary <= positions[-1]:
         boundary = None  # (the evaluated tokens end before it)
     # in sample: the evaluated tokens themselves (decoded back to text), not the rest of the held-out part
-    cwin = calibration_windows(tok, tok.decode(ids) if args.calibrate_on_held_out else calib.text, args.nsamples,
-                               args.seqlen, 0)
+    calib_text, calib_from = ((tok.decode(ids), "the evaluated text itself") if args.calibrate_on_held_out
+                              else (calib.text, f"[0, {args.split})"))
+    cwin = calibration_windows(tok, calib_text, args.nsamples, args.seqlen, 0)
     spec = CalibrationSpec.model_validate({"text": {"source": args.text}, "nsamples": args.nsamples, "seqlen": args.seqlen,
                                            "true_sequential": args.true_sequential})
     print(f"model {args.model} ({args.dtype}, {device}); evaluation: {len(windows)} windows of {args.seqlen} tokens "
           f"({targets} scored) from [{eval_from}, 1) of {args.text}; calibration: {args.nsamples} windows of "
-          + (f"{args.seqlen} from the evaluated text itself" if args.calibrate_on_held_out else f"{args.seqlen} from [0, {args.split})"), flush=True)
+          f"{args.seqlen} from {calib_from}", flush=True)
     if boundary is not None:
         print(f"parts: the {int((positions < boundary).sum())} scored tokens before {args.part_marker!r} and the "
               f"{int((positions >= boundary).sum())} from it", flush=True)
