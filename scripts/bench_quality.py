@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Quality of 4-bit and 8-bit weights, every method in one run on the same model, data and protocol.
+r"""Quality of 4-bit and 8-bit weights, every method in one run on the same model, data and protocol.
 
 Rows: the float model; stock bitsandbytes NF4 and LLM.int8 (transformers quantizing on load);
 llmquant's methods (rtn, scale_search, gptq, awq, awq+gptq, tune, gptq+tune) in NF4 and INT8; and, when they are
