@@ -154,7 +154,7 @@ def main() -> None:
         gc.collect()
         t0 = time.perf_counter()
         try:
-            m = _make(name, kind, opt, src, args, device, cwin, spec, tok, calib.text)
+            m = _make(name, kind, opt, src, args, device, cwin, spec, tok, calib_text)
         except ImportError as e:
             print(f"{name:26s} skipped ({e})", flush=True)
             continue
